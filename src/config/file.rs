@@ -1,0 +1,490 @@
+//! Reading `jobs.toml`: syntax, structure and meaning, with every problem located.
+//!
+//! serde stops at the first error in a value. To report *all* problems in one go, a
+//! job (or settings table) that fails is deserialized again with the offending key
+//! removed, until it parses or nothing more can be attributed to a key.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+use super::diagnostic::{Diagnostic, Diagnostics, Origin, SourceMap};
+use super::job::{CatchUp, JobSpec, Overlap, RetryConfig, RetryPolicy};
+use super::schedule::{CronExpr, MIN_EVERY, Schedule, TimeZone};
+use super::types::{HumanDuration, Slug};
+use crate::jobs::{JobKind, KindConfig};
+
+/// A `[runner]` value, kept with where it was written; `settings` layers it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunnerEntry {
+    pub key: String,
+    pub value: config::ValueKind,
+    pub origin: Origin,
+}
+
+/// A parsed and validated `jobs.toml`.
+#[derive(Debug, Clone)]
+pub struct JobsFile {
+    pub path: PathBuf,
+    pub runner: Vec<RunnerEntry>,
+    pub jobs: Vec<JobSpec>,
+}
+
+/// Reads and validates `path`. On failure the `[runner]` entries that could be read are
+/// still returned, so settings problems are reported alongside job problems.
+pub fn load(path: &Path) -> Result<JobsFile, (Diagnostics, Vec<RunnerEntry>)> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let d = Diagnostics(vec![Diagnostic {
+            origin: Origin::File {
+                path: path.to_path_buf(),
+                line: 1,
+                col: 1,
+            },
+            job: None,
+            message: format!("cannot read the jobs file: {e}"),
+        }]);
+        (d, Vec::new())
+    })?;
+    parse_keeping_runner(path, &text)
+}
+
+/// Validates `text` as the contents of `path` (used for messages only).
+pub fn parse(path: &Path, text: &str) -> Result<JobsFile, Diagnostics> {
+    parse_keeping_runner(path, text).map_err(|(d, _)| d)
+}
+
+fn parse_keeping_runner(
+    path: &Path,
+    text: &str,
+) -> Result<JobsFile, (Diagnostics, Vec<RunnerEntry>)> {
+    let map = SourceMap::new(path, text);
+    let (doc, syntax_errors) = DeTable::parse_recoverable(text);
+    if !syntax_errors.is_empty() {
+        // A document that does not parse cannot be trusted any further.
+        let diags = syntax_errors
+            .iter()
+            .map(|e| map.diagnostic(e.span(), None, syntax_message(e)))
+            .collect();
+        return Err((Diagnostics(diags), Vec::new()));
+    }
+
+    let mut diags = Vec::new();
+    let mut runner = Vec::new();
+    let mut jobs_value = None;
+    for (key, value) in doc.into_inner() {
+        match key.get_ref().as_ref() {
+            "runner" => runner = runner_entries(&map, value, &mut diags),
+            "jobs" => jobs_value = Some(value),
+            other => diags.push(map.diagnostic(
+                Some(key.span()),
+                None,
+                format!("unknown top-level key `{other}`, expected `runner` or `jobs`"),
+            )),
+        }
+    }
+
+    let mut jobs = Vec::new();
+    if let Some(value) = jobs_value {
+        let span = value.span();
+        match value.into_inner() {
+            DeValue::Array(items) => {
+                let mut seen: HashMap<String, usize> = HashMap::new();
+                for (index, item) in items.iter().enumerate() {
+                    if let Some((spec, name_span)) =
+                        parse_job(&map, index, item.clone(), &mut diags)
+                    {
+                        let line = match map.origin_of(&name_span) {
+                            Origin::File { line, .. } => line,
+                            _ => 0,
+                        };
+                        if let Some(first) = seen.get(&spec.name) {
+                            diags.push(map.diagnostic(
+                                Some(name_span),
+                                Some(format!("job \"{}\"", spec.name)),
+                                format!(
+                                    "duplicate job name \"{}\" (first defined on line {first})",
+                                    spec.name
+                                ),
+                            ));
+                        } else {
+                            seen.insert(spec.name.clone(), line);
+                            jobs.push(spec);
+                        }
+                    }
+                }
+            }
+            _ => diags.push(map.diagnostic(
+                Some(span),
+                None,
+                "`jobs` must be an array of tables: write each job under a `[[jobs]]` header",
+            )),
+        }
+    }
+
+    if diags.is_empty() {
+        Ok(JobsFile {
+            path: path.to_path_buf(),
+            runner,
+            jobs,
+        })
+    } else {
+        diags.sort_by_key(|d| match &d.origin {
+            Origin::File { line, col, .. } => (*line, *col),
+            _ => (0, 0),
+        });
+        Err((Diagnostics(diags), runner))
+    }
+}
+
+fn syntax_message(e: &toml::de::Error) -> String {
+    format!("invalid TOML: {}", e.message().trim_end())
+}
+
+fn runner_entries(
+    map: &SourceMap<'_>,
+    value: Spanned<DeValue<'_>>,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<RunnerEntry> {
+    let span = value.span();
+    let DeValue::Table(table) = value.into_inner() else {
+        diags.push(map.diagnostic(Some(span), None, "`runner` must be a table"));
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (key, value) in table {
+        let origin = map.origin_of(&value.span());
+        let span = value.span();
+        let kind = match toml::Value::deserialize(ValueDeserializer::from(value)) {
+            Ok(toml::Value::String(s)) => config::ValueKind::String(s),
+            Ok(toml::Value::Integer(i)) => config::ValueKind::I64(i),
+            Ok(toml::Value::Float(f)) => config::ValueKind::Float(f),
+            Ok(toml::Value::Boolean(b)) => config::ValueKind::Boolean(b),
+            Ok(other) => {
+                diags.push(map.diagnostic(
+                    Some(span),
+                    None,
+                    format!(
+                        "[runner] {}: expected a string, number or boolean, found {}",
+                        key.get_ref(),
+                        other.type_str()
+                    ),
+                ));
+                continue;
+            }
+            Err(e) => {
+                diags.push(map.diagnostic(
+                    e.span().or(Some(span)),
+                    None,
+                    format!("[runner] {}: {}", key.get_ref(), e.message().trim_end()),
+                ));
+                continue;
+            }
+        };
+        out.push(RunnerEntry {
+            key: key.get_ref().to_string(),
+            value: kind,
+            origin,
+        });
+    }
+    out
+}
+
+/// The structure of a `[[jobs]]` entry as written; meaning is checked afterwards.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJob {
+    name: Spanned<Slug>,
+    kind: Spanned<JobKind>,
+    cron: Option<Spanned<CronExpr>>,
+    timezone: Option<Spanned<TimeZone>>,
+    every: Option<Spanned<HumanDuration>>,
+    #[serde(default = "enabled_by_default")]
+    enabled: bool,
+    timeout: Option<HumanDuration>,
+    retries: Option<RetryConfig>,
+    #[serde(default)]
+    overlap: Overlap,
+    #[serde(default)]
+    catch_up: CatchUp,
+    /// Taken out before deserializing and parsed by the job's kind; declared so that
+    /// unknown-key messages list it.
+    #[serde(default, rename = "settings")]
+    _settings: Option<serde::de::IgnoredAny>,
+}
+
+fn enabled_by_default() -> bool {
+    true
+}
+
+/// How the user would recognise job number `index` in a message.
+fn job_label(index: usize, table: &DeTable<'_>) -> String {
+    match table.get("name").map(|v| v.get_ref()) {
+        Some(DeValue::String(name)) => format!("job \"{name}\""),
+        _ => format!("job #{}", index + 1),
+    }
+}
+
+fn parse_job(
+    map: &SourceMap<'_>,
+    index: usize,
+    item: Spanned<DeValue<'_>>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<(JobSpec, Range<usize>)> {
+    let header = item.span();
+    let (span, value) = (item.span(), item.into_inner());
+    let DeValue::Table(mut table) = value else {
+        diags.push(map.diagnostic(
+            Some(header),
+            None,
+            format!("jobs[{index}] must be a table: write it under a `[[jobs]]` header"),
+        ));
+        return None;
+    };
+    let errors_before = diags.len();
+    let label = job_label(index, &table);
+    let settings = take_key(&mut table, "settings");
+    // Read the kind up front so the settings are checked even if other fields are bad.
+    let kind = table
+        .get("kind")
+        .and_then(|k| k.get_ref().as_str())
+        .and_then(|k| JobKind::ALL.into_iter().find(|kind| kind.as_str() == k));
+
+    let raw: Option<RawJob> = deserialize_collecting(
+        map,
+        &label,
+        Spanned::new(span.clone(), DeValue::Table(table)),
+        diags,
+    );
+    let settings_value =
+        settings.unwrap_or_else(|| Spanned::new(header.clone(), DeValue::Table(DeTable::new())));
+    let settings = kind.and_then(|kind| parse_settings(map, &label, kind, settings_value, diags));
+    let raw = raw?;
+    let job = Some(label.clone());
+
+    let schedule = match (&raw.cron, &raw.every) {
+        (Some(_), Some(every)) => {
+            diags.push(map.diagnostic(
+                Some(every.span()),
+                job.clone(),
+                "a job takes exactly one of `cron` and `every`, not both",
+            ));
+            None
+        }
+        (None, None) => {
+            diags.push(map.diagnostic(
+                Some(header.clone()),
+                job.clone(),
+                "a job needs a schedule: set `cron` (6 fields, with seconds) or `every` (like \"10s\")",
+            ));
+            None
+        }
+        (Some(cron), None) => {
+            let tz = raw
+                .timezone
+                .as_ref()
+                .map_or(chrono_tz::Tz::UTC, |t| t.get_ref().0);
+            let schedule = Schedule::Cron {
+                expr: cron.get_ref().clone(),
+                tz,
+            };
+            if schedule.next_after(chrono::Utc::now()).is_none() {
+                diags.push(map.diagnostic(
+                    Some(cron.span()),
+                    job.clone(),
+                    format!(
+                        "cron expression \"{}\" never fires",
+                        cron.get_ref().as_str()
+                    ),
+                ));
+            }
+            Some(schedule)
+        }
+        (None, Some(every)) => {
+            if let Some(tz) = &raw.timezone {
+                diags.push(map.diagnostic(
+                    Some(tz.span()),
+                    job.clone(),
+                    "`timezone` applies only to `cron` schedules; `every` counts real time",
+                ));
+            }
+            if every.get_ref().get() < MIN_EVERY {
+                diags.push(map.diagnostic(
+                    Some(every.span()),
+                    job.clone(),
+                    format!(
+                        "`every` must be at least {}",
+                        humantime::format_duration(MIN_EVERY)
+                    ),
+                ));
+            }
+            Some(Schedule::Every {
+                period: every.get_ref().get(),
+            })
+        }
+    };
+
+    let retries = retry_policy(map, &job, raw.retries.unwrap_or_default(), &header, diags);
+
+    if diags.len() > errors_before {
+        return None;
+    }
+    Some((
+        JobSpec {
+            name: raw.name.get_ref().to_string(),
+            kind: *raw.kind.get_ref(),
+            schedule: schedule?,
+            enabled: raw.enabled,
+            timeout: raw
+                .timeout
+                .map_or(JobSpec::DEFAULT_TIMEOUT, HumanDuration::get),
+            retries,
+            overlap: raw.overlap,
+            catch_up: raw.catch_up,
+            settings: settings?,
+        },
+        raw.name.span(),
+    ))
+}
+
+fn retry_policy(
+    map: &SourceMap<'_>,
+    job: &Option<String>,
+    raw: RetryConfig,
+    header: &Range<usize>,
+    diags: &mut Vec<Diagnostic>,
+) -> RetryPolicy {
+    let default = RetryPolicy::default();
+    let policy = RetryPolicy {
+        max_attempts: raw.max_attempts.map_or(default.max_attempts, |a| a.0),
+        initial_backoff: raw
+            .initial_backoff
+            .map_or(default.initial_backoff, HumanDuration::get),
+        max_backoff: raw.max_backoff.map_or(
+            default.max_backoff.max(
+                raw.initial_backoff
+                    .map_or(default.initial_backoff, HumanDuration::get),
+            ),
+            HumanDuration::get,
+        ),
+    };
+    if policy.max_backoff < policy.initial_backoff {
+        diags.push(map.diagnostic(
+            Some(header.clone()),
+            job.clone(),
+            "retries.max_backoff must not be shorter than retries.initial_backoff",
+        ));
+    }
+    policy
+}
+
+fn parse_settings(
+    map: &SourceMap<'_>,
+    label: &str,
+    kind: JobKind,
+    value: Spanned<DeValue<'_>>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<KindConfig> {
+    let label = format!("{label} settings");
+    match kind {
+        JobKind::Retention => deserialize_collecting(map, &label, value, diags)
+            .and_then(|c| check(map, &label, c, diags))
+            .map(KindConfig::Retention),
+        JobKind::Command => deserialize_collecting(map, &label, value, diags)
+            .and_then(|c| check(map, &label, c, diags))
+            .map(KindConfig::Command),
+    }
+}
+
+/// Cross-field checks a kind's settings do on themselves after deserializing.
+pub trait Validate {
+    /// Problems as (span, message); an empty list means valid.
+    fn validate(&self) -> Vec<(Option<Range<usize>>, String)>;
+}
+
+fn check<T: Validate>(
+    map: &SourceMap<'_>,
+    label: &str,
+    config: T,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<T> {
+    let problems = config.validate();
+    if problems.is_empty() {
+        return Some(config);
+    }
+    for (span, message) in problems {
+        diags.push(map.diagnostic(span, Some(label.to_owned()), message));
+    }
+    None
+}
+
+/// Upper bound on re-deserializations of one value; each removes one bad key.
+const MAX_ATTEMPTS_PER_VALUE: usize = 64;
+
+/// Deserializes `value`, recording every error it can attribute to a key.
+fn deserialize_collecting<'i, T: Deserialize<'i>>(
+    map: &SourceMap<'_>,
+    label: &str,
+    mut value: Spanned<DeValue<'i>>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<T> {
+    let whole = value.span();
+    let mut removed: BTreeSet<String> = BTreeSet::new();
+    for _ in 0..MAX_ATTEMPTS_PER_VALUE {
+        let err = match T::deserialize(ValueDeserializer::from(value.clone())) {
+            Ok(v) if removed.is_empty() => return Some(v),
+            Ok(_) => return None,
+            Err(e) => e,
+        };
+        let message = err.message().trim_end().to_owned();
+        // "missing field" for a key we already reported as wrong would be noise.
+        if removed.iter().any(|path| {
+            let leaf = path.rsplit('.').next().unwrap_or(path);
+            message == format!("missing field `{leaf}`")
+        }) {
+            return None;
+        }
+        let span = err.span().unwrap_or_else(|| whole.clone());
+        diags.push(map.diagnostic(Some(span.clone()), Some(label.to_owned()), message));
+        match prune(value.get_mut(), &span) {
+            Some(key) => {
+                removed.insert(key);
+            }
+            None => return None,
+        }
+    }
+    None
+}
+
+/// Removes the innermost table entry whose key or value contains `span`; returns its key.
+fn prune(value: &mut DeValue<'_>, span: &Range<usize>) -> Option<String> {
+    let contains = |r: &Range<usize>| r.start <= span.start && span.end <= r.end.max(r.start + 1);
+    match value {
+        DeValue::Table(table) => {
+            let key = table
+                .iter()
+                .find(|(k, v)| contains(&k.span()) || contains(&v.span()))
+                .map(|(k, _)| k.clone())?;
+            if let Some(v) = table.get_mut(key.get_ref().as_ref())
+                && !contains(&key.span())
+                && let Some(inner) = prune(v.get_mut(), span)
+            {
+                return Some(format!("{}.{inner}", key.get_ref()));
+            }
+            table.remove(key.get_ref().as_ref());
+            Some(key.get_ref().to_string())
+        }
+        DeValue::Array(items) => items
+            .iter_mut()
+            .find(|v| contains(&v.span()))
+            .and_then(|v| prune(v.get_mut(), span)),
+        _ => None,
+    }
+}
+
+fn take_key<'i>(table: &mut DeTable<'i>, key: &str) -> Option<Spanned<DeValue<'i>>> {
+    table.remove(key)
+}

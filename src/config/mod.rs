@@ -1,0 +1,59 @@
+//! Configuration: the `jobs.toml` model and the runner settings, validated together.
+//!
+//! This is the only module that reads the environment or configuration files.
+
+mod diagnostic;
+mod file;
+mod job;
+mod schedule;
+mod settings;
+mod types;
+
+pub use diagnostic::{Diagnostic, Diagnostics, Origin, SourceMap};
+pub use file::{JobsFile, RunnerEntry, Validate};
+pub use job::{CatchUp, JobSpec, Overlap, RetryConfig, RetryPolicy};
+pub use schedule::{CronExpr, Schedule, TimeZone};
+pub use settings::{DatabaseTarget, Environment, Secret, Settings};
+pub use types::{HumanDuration, Ident, Slug};
+
+use std::path::Path;
+
+/// Everything vigil needs to start, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: JobsFile,
+    pub settings: Settings,
+}
+
+/// Loads `jobs.toml` and the settings layered over it, reporting every problem at once.
+pub fn load(path: &Path, env: &Environment) -> Result<Config, Diagnostics> {
+    let file = file::load(path);
+    let runner = match &file {
+        Ok(f) => f.runner.as_slice(),
+        Err((_, runner)) => runner.as_slice(),
+    };
+    let settings = Settings::load(runner, env);
+    match (file, settings) {
+        (Ok(file), Ok(settings)) => Ok(Config { file, settings }),
+        (file, settings) => {
+            let mut all = Vec::new();
+            if let Err(Diagnostics(d)) = settings {
+                all.extend(d);
+            }
+            if let Err((Diagnostics(d), _)) = file {
+                all.extend(d);
+            }
+            // One order for everything: by position in the file, environment first.
+            all.sort_by_key(|d| match &d.origin {
+                Origin::File { line, col, .. } => (1, *line, *col),
+                _ => (0, 0, 0),
+            });
+            Err(Diagnostics(all))
+        }
+    }
+}
+
+/// Parses jobs from a string, as if read from `path`; for tests and tools.
+pub fn parse_jobs(path: &Path, text: &str) -> Result<JobsFile, Diagnostics> {
+    file::parse(path, text)
+}

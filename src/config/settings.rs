@@ -1,0 +1,720 @@
+//! Runner settings, layered with the `config` crate:
+//! built-in defaults < the `[runner]` table of jobs.toml < the environment (and `.env`).
+//!
+//! Every key is read and checked on its own, so all bad values are reported together,
+//! each naming the variable or the file position it came from.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Config as Layers, Map, Source, Value, ValueKind};
+
+use super::diagnostic::{Diagnostic, Diagnostics, Origin};
+use super::file::RunnerEntry;
+use super::types::HumanDuration;
+
+/// A value that must never reach a log line or a `Debug` dump.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Where vigil's PostgreSQL is. `None` in [`Settings`] means: start the embedded one.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DatabaseTarget {
+    /// `DATABASE_URL` (or `database_url` in `[runner]`).
+    Url(Secret),
+    /// `DB_HOST`, `DB_PORT`, `DB_USER`, `DB_PASSWORD`, `DB_NAME`.
+    Parts {
+        host: String,
+        port: u16,
+        user: String,
+        password: Option<Secret>,
+        name: String,
+    },
+}
+
+impl fmt::Debug for DatabaseTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseTarget({self})")
+    }
+}
+
+/// Shows where the database is without any password.
+impl fmt::Display for DatabaseTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DatabaseTarget::Url(url) => f.write_str(&redact_url(url.expose())),
+            DatabaseTarget::Parts {
+                host,
+                port,
+                user,
+                name,
+                ..
+            } => write!(f, "postgres://{user}@{host}:{port}/{name}"),
+        }
+    }
+}
+
+/// `scheme://user:password@host/...` → `scheme://user:***@host/...`; anything it cannot
+/// parse is hidden entirely rather than risk printing a password.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "***".to_owned();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    // Strip any query string: it may carry `password=`.
+    let tail = tail.split('?').next().unwrap_or("");
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}{tail}")
+            } else {
+                format!("{scheme}://{user}@{host}{tail}")
+            }
+        }
+        None => format!("{scheme}://{authority}{tail}"),
+    }
+}
+
+/// The process environment, captured once, with `.env` underneath it.
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    vars: BTreeMap<String, (String, Origin)>,
+}
+
+impl Environment {
+    /// Reads the process environment and `./.env` (real variables win over `.env`).
+    pub fn capture() -> Result<Self, Diagnostics> {
+        let mut env = Self::default();
+        let dotenv = Path::new(".env");
+        if dotenv.exists() {
+            let iter = dotenvy::from_path_iter(dotenv).map_err(|e| {
+                Diagnostics(vec![Diagnostic {
+                    origin: Origin::File {
+                        path: dotenv.into(),
+                        line: 1,
+                        col: 1,
+                    },
+                    job: None,
+                    message: format!("cannot read .env: {e}"),
+                }])
+            })?;
+            for item in iter {
+                let (k, v) = item.map_err(|e| {
+                    Diagnostics(vec![Diagnostic {
+                        origin: Origin::File {
+                            path: dotenv.into(),
+                            line: 1,
+                            col: 1,
+                        },
+                        job: None,
+                        message: format!("invalid .env: {e}"),
+                    }])
+                })?;
+                let origin = Origin::Env(format!("{k} (from .env)"));
+                env.vars.insert(k, (v, origin));
+            }
+        }
+        for (k, v) in std::env::vars_os() {
+            if let (Ok(k), Ok(v)) = (k.into_string(), v.into_string()) {
+                let origin = Origin::Env(k.clone());
+                env.vars.insert(k, (v, origin));
+            }
+        }
+        Ok(env)
+    }
+
+    /// An environment made of exactly these variables (tests, embedding).
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        let vars = pairs
+            .into_iter()
+            .map(|(k, v)| {
+                let k = k.into();
+                let origin = Origin::Env(k.clone());
+                (k, (v.into(), origin))
+            })
+            .collect();
+        Self { vars }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.vars.get(name).map(|(v, _)| v.as_str())
+    }
+
+    fn origin(&self, name: &str) -> Option<&Origin> {
+        self.vars.get(name).map(|(_, o)| o)
+    }
+}
+
+/// Validated runner settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `None`: no database configured, so `vigil run` starts an embedded one.
+    pub database: Option<DatabaseTarget>,
+    pub port: u16,
+    pub bind: IpAddr,
+    pub mongo_uri: Option<Secret>,
+    pub loki_url: Option<String>,
+    /// Names this runner in the ledger's `host` column.
+    pub host: String,
+    pub shutdown_grace: Duration,
+    pub data_dir: PathBuf,
+    pub db_max_connections: u32,
+    pub db_connect_timeout: Duration,
+    pub pg_bin_dir: Option<PathBuf>,
+}
+
+/// One setting: its key in `[runner]` (if settable there) and its variable.
+struct Key {
+    name: &'static str,
+    in_runner: bool,
+    var: &'static str,
+}
+
+const KEYS: &[Key] = &[
+    Key {
+        name: "database_url",
+        in_runner: true,
+        var: "DATABASE_URL",
+    },
+    Key {
+        name: "db_host",
+        in_runner: false,
+        var: "DB_HOST",
+    },
+    Key {
+        name: "db_port",
+        in_runner: false,
+        var: "DB_PORT",
+    },
+    Key {
+        name: "db_user",
+        in_runner: false,
+        var: "DB_USER",
+    },
+    Key {
+        name: "db_password",
+        in_runner: false,
+        var: "DB_PASSWORD",
+    },
+    Key {
+        name: "db_name",
+        in_runner: false,
+        var: "DB_NAME",
+    },
+    Key {
+        name: "port",
+        in_runner: true,
+        var: "PORT",
+    },
+    Key {
+        name: "bind",
+        in_runner: true,
+        var: "VIGIL_BIND",
+    },
+    Key {
+        name: "mongo_uri",
+        in_runner: true,
+        var: "MONGO_URI",
+    },
+    Key {
+        name: "loki_url",
+        in_runner: true,
+        var: "LOKI_URL",
+    },
+    Key {
+        name: "host",
+        in_runner: true,
+        var: "VIGIL_HOST",
+    },
+    Key {
+        name: "shutdown_grace",
+        in_runner: true,
+        var: "VIGIL_SHUTDOWN_GRACE",
+    },
+    Key {
+        name: "data_dir",
+        in_runner: true,
+        var: "VIGIL_DATA_DIR",
+    },
+    Key {
+        name: "db_max_connections",
+        in_runner: true,
+        var: "VIGIL_DB_MAX_CONNECTIONS",
+    },
+    Key {
+        name: "db_connect_timeout",
+        in_runner: true,
+        var: "VIGIL_DB_CONNECT_TIMEOUT",
+    },
+    Key {
+        name: "pg_bin_dir",
+        in_runner: true,
+        var: "VIGIL_PG_BIN_DIR",
+    },
+];
+
+/// `VIGIL_*` variables read elsewhere than this table (the CLI's own).
+const OTHER_VIGIL_VARS: &[&str] = &["VIGIL_CONFIG", "VIGIL_LOG", "VIGIL_LOG_FORMAT"];
+
+/// Defaults, each with the reason for its value.
+mod defaults {
+    /// The seed's gateway port.
+    pub const PORT: i64 = 8085;
+    /// Loopback: exposing the gateway is a deliberate act (the container sets 0.0.0.0).
+    pub const BIND: &str = "127.0.0.1";
+    /// Long enough for a typical batch to finish, short enough for an orchestrator's
+    /// kill timeout (Docker waits 10 s by default; compose sets stop_grace_period).
+    pub const SHUTDOWN_GRACE: &str = "30s";
+    pub const DATA_DIR: &str = "data";
+    /// Jobs, ledger and gateway share the pool; ten covers them on a small host.
+    pub const DB_MAX_CONNECTIONS: i64 = 10;
+    /// A database container can take this long to accept connections after boot.
+    pub const DB_CONNECT_TIMEOUT: &str = "30s";
+    pub const DB_HOST: &str = "localhost";
+    pub const DB_PORT: i64 = 5432;
+    pub const DB_USER: &str = "vigil";
+    pub const DB_NAME: &str = "vigil";
+}
+
+/// The `[runner]` table as a `config` source, each value carrying its file position.
+#[derive(Debug, Clone)]
+struct RunnerSource(Vec<RunnerEntry>);
+
+impl Source for RunnerSource {
+    fn clone_into_box(&self) -> Box<dyn Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> Result<Map<String, Value>, config::ConfigError> {
+        Ok(self
+            .0
+            .iter()
+            .map(|e| {
+                let origin = e.origin.to_string();
+                (e.key.clone(), Value::new(Some(&origin), e.value.clone()))
+            })
+            .collect())
+    }
+}
+
+/// The environment variables vigil knows, mapped to their setting keys.
+#[derive(Debug, Clone)]
+struct EnvSource(Vec<(String, String, Origin)>);
+
+impl Source for EnvSource {
+    fn clone_into_box(&self) -> Box<dyn Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> Result<Map<String, Value>, config::ConfigError> {
+        Ok(self
+            .0
+            .iter()
+            .map(|(key, v, origin)| {
+                let origin = origin.to_string();
+                (
+                    key.clone(),
+                    Value::new(Some(&origin), ValueKind::String(v.clone())),
+                )
+            })
+            .collect())
+    }
+}
+
+impl Settings {
+    /// Layers defaults, `[runner]` and `env`, and validates every key.
+    pub fn load(runner: &[RunnerEntry], env: &Environment) -> Result<Self, Diagnostics> {
+        let mut diags = Vec::new();
+
+        // Where each key's winning value came from, for messages.
+        let mut origins: HashMap<&'static str, Origin> = HashMap::new();
+        let mut runner_entries = Vec::new();
+        for entry in runner {
+            match KEYS.iter().find(|k| k.name == entry.key && k.in_runner) {
+                Some(k) => {
+                    origins.insert(k.name, entry.origin.clone());
+                    runner_entries.push(entry.clone());
+                }
+                None => diags.push(Diagnostic {
+                    origin: entry.origin.clone(),
+                    job: None,
+                    message: format!(
+                        "unknown [runner] setting `{}`, expected one of {}",
+                        entry.key,
+                        KEYS.iter()
+                            .filter(|k| k.in_runner)
+                            .map(|k| format!("`{}`", k.name))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                }),
+            }
+        }
+        let mut env_entries = Vec::new();
+        for k in KEYS {
+            if let Some(v) = env.get(k.var) {
+                let origin = env
+                    .origin(k.var)
+                    .cloned()
+                    .unwrap_or(Origin::Env(k.var.into()));
+                origins.insert(k.name, origin.clone());
+                env_entries.push((k.name.to_owned(), v.to_owned(), origin));
+            }
+        }
+        for (name, (_, origin)) in &env.vars {
+            if name.starts_with("VIGIL_")
+                && !KEYS.iter().any(|k| k.var == name)
+                && !OTHER_VIGIL_VARS.contains(&name.as_str())
+            {
+                diags.push(Diagnostic {
+                    origin: origin.clone(),
+                    job: None,
+                    message: format!(
+                        "unknown variable {name}; vigil reads {}",
+                        KEYS.iter()
+                            .map(|k| k.var)
+                            .filter(|v| v.starts_with("VIGIL_"))
+                            .chain(OTHER_VIGIL_VARS.iter().copied())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                });
+            }
+        }
+
+        let layers = Layers::builder()
+            .set_default("port", defaults::PORT)
+            .and_then(|b| b.set_default("bind", defaults::BIND))
+            .and_then(|b| b.set_default("shutdown_grace", defaults::SHUTDOWN_GRACE))
+            .and_then(|b| b.set_default("data_dir", defaults::DATA_DIR))
+            .and_then(|b| b.set_default("db_max_connections", defaults::DB_MAX_CONNECTIONS))
+            .and_then(|b| b.set_default("db_connect_timeout", defaults::DB_CONNECT_TIMEOUT))
+            .map(|b| {
+                b.add_source(RunnerSource(runner_entries))
+                    .add_source(EnvSource(env_entries))
+            })
+            .and_then(|b| b.build());
+        let layers = match layers {
+            Ok(l) => l,
+            Err(e) => {
+                diags.push(Diagnostic {
+                    origin: Origin::Unknown,
+                    job: None,
+                    message: format!("cannot layer settings: {e}"),
+                });
+                return Err(Diagnostics(diags));
+            }
+        };
+
+        let mut r = Reader {
+            layers: &layers,
+            origins: &origins,
+            diags: &mut diags,
+        };
+        let database = r.database();
+        let port = r.parsed("port", "a port number from 1 to 65535", |s| {
+            s.parse::<u16>().ok().filter(|p| *p > 0)
+        });
+        let bind = r.parsed("bind", "an IP address such as 127.0.0.1 or 0.0.0.0", |s| {
+            s.parse::<IpAddr>().ok()
+        });
+        let mongo_uri = r.string("mongo_uri").map(Secret::new);
+        let loki_url = r.string("loki_url");
+        let host = r.string("host").unwrap_or_else(local_hostname);
+        let shutdown_grace = r.duration("shutdown_grace");
+        let data_dir = r.string("data_dir").map(PathBuf::from);
+        let db_max_connections =
+            r.parsed("db_max_connections", "a whole number from 1 to 1000", |s| {
+                s.parse::<u32>().ok().filter(|n| (1..=1000).contains(n))
+            });
+        let db_connect_timeout = r.duration("db_connect_timeout");
+        let pg_bin_dir = r.string("pg_bin_dir").map(PathBuf::from);
+
+        if !diags.is_empty() {
+            return Err(Diagnostics(diags));
+        }
+        match (
+            port,
+            bind,
+            shutdown_grace,
+            data_dir,
+            db_max_connections,
+            db_connect_timeout,
+        ) {
+            (
+                Some(port),
+                Some(bind),
+                Some(shutdown_grace),
+                Some(data_dir),
+                Some(db_max_connections),
+                Some(db_connect_timeout),
+            ) => Ok(Settings {
+                database,
+                port,
+                bind,
+                mongo_uri,
+                loki_url,
+                host,
+                shutdown_grace,
+                data_dir,
+                db_max_connections,
+                db_connect_timeout,
+                pg_bin_dir,
+            }),
+            // Unreachable in practice: every `None` above pushed a diagnostic.
+            _ => Err(Diagnostics(vec![Diagnostic {
+                origin: Origin::Unknown,
+                job: None,
+                message: "incomplete settings".into(),
+            }])),
+        }
+    }
+}
+
+/// Reads keys out of the layered settings, recording a located problem for each bad one.
+struct Reader<'a> {
+    layers: &'a Layers,
+    origins: &'a HashMap<&'static str, Origin>,
+    diags: &'a mut Vec<Diagnostic>,
+}
+
+impl Reader<'_> {
+    fn problem(&mut self, key: &'static str, message: String) {
+        let origin = self.origins.get(key).cloned().unwrap_or(Origin::Unknown);
+        self.diags.push(Diagnostic {
+            origin,
+            job: None,
+            message,
+        });
+    }
+
+    /// A present, non-empty string value (empty counts as unset, as in shells).
+    fn string(&mut self, key: &'static str) -> Option<String> {
+        match self.layers.get_string(key) {
+            Ok(s) if s.trim().is_empty() => None,
+            Ok(s) => Some(s),
+            Err(config::ConfigError::NotFound(_)) => None,
+            Err(e) => {
+                self.problem(key, format!("{key}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn parsed<T>(
+        &mut self,
+        key: &'static str,
+        expected: &str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Option<T> {
+        let raw = self.string(key)?;
+        let value = parse(raw.trim());
+        if value.is_none() {
+            self.problem(
+                key,
+                format!("{key}: invalid value {raw:?}, expected {expected}"),
+            );
+        }
+        value
+    }
+
+    fn duration(&mut self, key: &'static str) -> Option<Duration> {
+        let raw = self.string(key)?;
+        match HumanDuration::parse(raw.trim()) {
+            Ok(d) => Some(d.get()),
+            Err(e) => {
+                self.problem(key, format!("{key}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn database(&mut self) -> Option<DatabaseTarget> {
+        if let Some(url) = self.string("database_url") {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                self.problem(
+                    "database_url",
+                    "database_url: expected a URL starting with postgres:// or postgresql://"
+                        .into(),
+                );
+                return None;
+            }
+            return Some(DatabaseTarget::Url(Secret::new(url)));
+        }
+        let parts = ["db_host", "db_port", "db_user", "db_password", "db_name"];
+        if !parts.iter().any(|k| self.origins.contains_key(k)) {
+            return None;
+        }
+        let port = match self.origins.contains_key("db_port") {
+            true => self.parsed("db_port", "a port number from 1 to 65535", |s| {
+                s.parse::<u16>().ok().filter(|p| *p > 0)
+            })?,
+            false => defaults::DB_PORT as u16,
+        };
+        Some(DatabaseTarget::Parts {
+            host: self
+                .string("db_host")
+                .unwrap_or_else(|| defaults::DB_HOST.into()),
+            port,
+            user: self
+                .string("db_user")
+                .unwrap_or_else(|| defaults::DB_USER.into()),
+            password: self.string("db_password").map(Secret::new),
+            name: self
+                .string("db_name")
+                .unwrap_or_else(|| defaults::DB_NAME.into()),
+        })
+    }
+}
+
+fn local_hostname() -> String {
+    gethostname::gethostname()
+        .into_string()
+        .unwrap_or_else(|_| "unknown-host".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runner(key: &str, value: ValueKind, line: usize) -> RunnerEntry {
+        RunnerEntry {
+            key: key.into(),
+            value,
+            origin: Origin::File {
+                path: "jobs.toml".into(),
+                line,
+                col: 10,
+            },
+        }
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let s = Settings::load(&[], &Environment::default()).unwrap();
+        assert_eq!(s.port, 8085);
+        assert_eq!(s.bind.to_string(), "127.0.0.1");
+        assert_eq!(s.shutdown_grace, Duration::from_secs(30));
+        assert!(s.database.is_none());
+        assert_eq!(s.data_dir, PathBuf::from("data"));
+    }
+
+    #[test]
+    fn environment_beats_runner_table_which_beats_defaults() {
+        let table = [
+            runner("port", ValueKind::I64(9000), 2),
+            runner("shutdown_grace", ValueKind::String("5s".into()), 3),
+        ];
+        let s = Settings::load(&table, &Environment::default()).unwrap();
+        assert_eq!(s.port, 9000);
+        assert_eq!(s.shutdown_grace, Duration::from_secs(5));
+
+        let env = Environment::from_pairs([("PORT", "9100")]);
+        let s = Settings::load(&table, &env).unwrap();
+        assert_eq!(s.port, 9100);
+        assert_eq!(s.shutdown_grace, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn seed_database_variables_compose_a_target() {
+        let env = Environment::from_pairs([
+            ("DB_HOST", "db"),
+            ("DB_USER", "server"),
+            ("DB_PASSWORD", "hunter2"),
+            ("DB_NAME", "obs"),
+        ]);
+        let s = Settings::load(&[], &env).unwrap();
+        let target = s.database.unwrap();
+        assert_eq!(target.to_string(), "postgres://server@db:5432/obs");
+        assert!(!format!("{target:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn database_url_wins_over_parts_and_is_never_printed_with_its_password() {
+        let env = Environment::from_pairs([
+            (
+                "DATABASE_URL",
+                "postgres://app:s3cret@db:5432/app?sslmode=require",
+            ),
+            ("DB_HOST", "other"),
+        ]);
+        let s = Settings::load(&[], &env).unwrap();
+        let dump = format!("{s:?}");
+        assert!(!dump.contains("s3cret"), "{dump}");
+        assert_eq!(
+            s.database.unwrap().to_string(),
+            "postgres://app:***@db:5432/app"
+        );
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_output() {
+        let env = Environment::from_pairs([("MONGO_URI", "mongodb://u:pw@m/")]);
+        let s = Settings::load(&[], &env).unwrap();
+        assert!(!format!("{s:?}").contains("pw@"));
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_with_its_source() {
+        let table = [
+            runner("port", ValueKind::String("http".into()), 4),
+            runner("colour", ValueKind::String("blue".into()), 5),
+        ];
+        let env = Environment::from_pairs([
+            ("VIGIL_SHUTDOWN_GRACE", "soon"),
+            ("VIGIL_DB_MAX_CONNECTIONS", "0"),
+            ("VIGIL_SHUTDOWN_GRAEC", "1s"),
+        ]);
+        let err = Settings::load(&table, &env).unwrap_err().to_string();
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 5, "{err}");
+        assert!(
+            err.contains("jobs.toml:5:10: unknown [runner] setting `colour`"),
+            "{err}"
+        );
+        assert!(
+            err.contains("environment variable VIGIL_SHUTDOWN_GRAEC: unknown variable"),
+            "{err}"
+        );
+        assert!(
+            err.contains("jobs.toml:4:10: port: invalid value \"http\""),
+            "{err}"
+        );
+        assert!(err.contains("environment variable VIGIL_SHUTDOWN_GRACE: shutdown_grace: invalid duration \"soon\""), "{err}");
+        assert!(err.contains("environment variable VIGIL_DB_MAX_CONNECTIONS: db_max_connections: invalid value \"0\""), "{err}");
+    }
+
+    #[test]
+    fn url_redaction_hides_passwords_in_every_shape() {
+        assert_eq!(redact_url("postgres://u:p@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("postgres://h/db?password=x"), "postgres://h/db");
+        assert_eq!(redact_url("garbage"), "***");
+        assert_eq!(redact_url("postgres://u:p:q@h"), "postgres://u:***@h");
+    }
+}

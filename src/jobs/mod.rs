@@ -1,0 +1,111 @@
+//! Job kinds: what a job does. One module per kind, each implementing [`Job`].
+//!
+//! A job does not know when or why it runs; the scheduler decides that and governs
+//! the run (timeout, retries, overlap, ledger).
+
+pub mod command;
+pub mod retention;
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer, de::Error as _};
+use uuid::Uuid;
+
+use crate::store::{Store, StoreError};
+
+/// The kinds a `[[jobs]]` entry can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobKind {
+    Retention,
+    Command,
+}
+
+impl JobKind {
+    pub const ALL: [JobKind; 2] = [JobKind::Retention, JobKind::Command];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Retention => "retention",
+            JobKind::Command => "command",
+        }
+    }
+}
+
+impl fmt::Display for JobKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for JobKind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        JobKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                D::Error::custom(format!(
+                    "unknown job kind {s:?}, expected one of {}",
+                    JobKind::ALL.map(|k| format!("\"{k}\"")).join(", ")
+                ))
+            })
+    }
+}
+
+/// A kind's own settings, from the job's `[jobs.settings]` table.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KindConfig {
+    Retention(retention::RetentionConfig),
+    Command(command::CommandConfig),
+}
+
+/// What a run needs to know about itself.
+#[derive(Debug, Clone)]
+pub struct RunContext {
+    pub job: Arc<str>,
+    pub run_id: Uuid,
+    /// When the scheduler will cancel this attempt; long jobs stop starting new work
+    /// before it.
+    pub deadline: tokio::time::Instant,
+}
+
+/// How a run ended, when it did not fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// Work done; `items` counts what the kind counts (rows deleted, documents loaded…).
+    Completed { items: Option<u64> },
+    /// The job decided not to work this time (for instance another replica holds it).
+    Skipped { reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// One runnable job. Implementations must be cancel-safe: the scheduler drops the
+/// future on timeout, replacement or shutdown.
+#[async_trait::async_trait]
+pub trait Job: Send + Sync + 'static {
+    async fn run(&self, ctx: RunContext) -> Result<RunOutcome, JobError>;
+}
+
+/// What jobs may use.
+#[derive(Clone, Debug)]
+pub struct Deps {
+    pub store: Store,
+}
+
+/// Builds the job a validated settings table describes.
+pub fn build(settings: &KindConfig, deps: &Deps) -> Arc<dyn Job> {
+    match settings {
+        KindConfig::Retention(c) => {
+            Arc::new(retention::Retention::new(c.clone(), deps.store.clone()))
+        }
+        KindConfig::Command(c) => Arc::new(command::CommandJob::new(c.clone())),
+    }
+}

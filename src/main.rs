@@ -1,0 +1,148 @@
+//! The `vigil` command line: parses arguments, then hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use vigil::config::{self, Environment};
+use vigil::store::RunStatus;
+use vigil::{app, telemetry};
+
+/// Turns a declarative jobs.toml into scheduled jobs whose results land in PostgreSQL.
+#[derive(Parser)]
+#[command(name = "vigil", version, about, long_about = None)]
+struct Cli {
+    /// The jobs file.
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        env = "VIGIL_CONFIG",
+        default_value = "jobs.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the scheduler until SIGINT or SIGTERM (the default command).
+    Run,
+    /// Validate jobs.toml and the settings; print each job's next fire times. Exit 1 on any error.
+    Check,
+    /// Print the jobs and their next fire times, without running anything.
+    Jobs,
+    /// Run one job now in this process, record it in the ledger, exit non-zero if it failed.
+    Trigger {
+        /// The job's name.
+        job: String,
+        /// Run it even if it is disabled.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Apply the database migrations and exit.
+    Migrate,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vigil: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    let env = Environment::capture()?;
+    let command = cli.command.unwrap_or(Command::Run);
+
+    let config = match config::load(&cli.config, &env) {
+        Ok(c) => c,
+        Err(diags) => {
+            eprintln!("{diags}");
+            eprintln!(
+                "vigil: {} problem{} in the configuration",
+                diags.0.len(),
+                if diags.0.len() == 1 { "" } else { "s" }
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+
+    match command {
+        Command::Check => {
+            print!("{}", app::jobs_table(&config.file.jobs, chrono::Utc::now()));
+            println!(
+                "{}: {} job{} OK",
+                config.file.path.display(),
+                config.file.jobs.len(),
+                if config.file.jobs.len() == 1 { "" } else { "s" }
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Jobs => {
+            print!("{}", app::jobs_table(&config.file.jobs, chrono::Utc::now()));
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
+
+    let log_target = match command {
+        Command::Run => telemetry::LogTarget::Stdout,
+        _ => telemetry::LogTarget::Stderr,
+    };
+    telemetry::init(&telemetry::LogOptions::from_env(&env, log_target)?)?;
+    // tokio-cron-scheduler needs the multi-threaded runtime.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        match command {
+            Command::Run => {
+                app::run(config, shutdown_signal()).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Trigger { job, force } => {
+                let result = app::trigger(&config, &job, force).await?;
+                println!("{}", serde_json::to_string_pretty(&result)?);
+                Ok(if result.status == RunStatus::Succeeded {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+            Command::Migrate => {
+                app::migrate(&config.settings).await?;
+                println!("migrations applied");
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Check | Command::Jobs => Ok(ExitCode::SUCCESS),
+        }
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            // Without signal handlers the only way out is ctrl-c.
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

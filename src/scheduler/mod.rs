@@ -1,0 +1,513 @@
+//! When jobs fire and how each run is governed.
+//!
+//! tokio-cron-scheduler is the clock (see [`timer`]); this module adds what it lacks:
+//! overlap policy, per-attempt timeouts, retries with backoff, catch-up at start-up,
+//! panic isolation and the `job_runs` ledger. It never knows what a job does.
+
+pub mod ledger;
+mod run;
+mod timer;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::config::{CatchUp, JobSpec, Overlap};
+use crate::jobs::Job;
+use crate::store::{RunRecord, RunStatus, Trigger};
+pub use ledger::Ledger;
+use timer::{Tick, Timer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("the timer failed: {0}")]
+    Timer(#[from] tokio_cron_scheduler::JobSchedulerError),
+    #[error("job \"{0}\" is already scheduled")]
+    Duplicate(String),
+    #[error("the scheduler was already started")]
+    AlreadyStarted,
+}
+
+/// Why a manual trigger did not start a run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TriggerError {
+    #[error("no job named \"{0}\"")]
+    UnknownJob(String),
+    #[error("job \"{0}\" is disabled; force it to run anyway")]
+    Disabled(String),
+    #[error("job \"{job}\" forbids overlapping runs and run {running} is still going")]
+    Refused { job: String, running: Uuid },
+    #[error("vigil is shutting down")]
+    Stopping,
+}
+
+/// How a whole run (all its attempts) ended.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunResult {
+    /// The first attempt's id: the id the trigger returned.
+    pub run_id: Uuid,
+    /// The id of the attempt that decided the outcome.
+    pub last_attempt_id: Uuid,
+    pub job: String,
+    pub status: RunStatus,
+    pub attempts: u32,
+    pub items: Option<i64>,
+    pub error: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+}
+
+/// A started run; await [`RunHandle::finished`] for its outcome.
+#[derive(Debug, Clone)]
+pub struct RunHandle {
+    pub run_id: Uuid,
+    done: watch::Receiver<Option<RunResult>>,
+}
+
+impl RunHandle {
+    pub async fn finished(&mut self) -> RunResult {
+        loop {
+            if let Some(result) = self.done.borrow().clone() {
+                return result;
+            }
+            if self.done.changed().await.is_err() {
+                // The sender always publishes before it is dropped.
+                if let Some(result) = self.done.borrow().clone() {
+                    return result;
+                }
+            }
+        }
+    }
+
+    /// The outcome if the run has finished.
+    pub fn peek(&self) -> Option<RunResult> {
+        self.done.borrow().clone()
+    }
+}
+
+/// A job as the scheduler sees it now.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobStatus {
+    pub name: String,
+    pub kind: String,
+    pub schedule: String,
+    pub enabled: bool,
+    pub overlap: String,
+    pub next_fire: Option<DateTime<Utc>>,
+    pub running: Vec<Uuid>,
+}
+
+/// What shutdown did.
+#[derive(Debug, Clone, Default)]
+pub struct ShutdownReport {
+    pub abandoned: usize,
+    pub ledger_flushed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CancelReason {
+    Replaced { by: Uuid },
+    Shutdown,
+}
+
+/// A run in progress, as its slot tracks it.
+#[derive(Clone)]
+struct Active {
+    id: Uuid,
+    cancel: CancellationToken,
+    reason: Arc<OnceLock<CancelReason>>,
+}
+
+impl Active {
+    fn new(id: Uuid) -> Self {
+        Self {
+            id,
+            cancel: CancellationToken::new(),
+            reason: Arc::new(OnceLock::new()),
+        }
+    }
+
+    fn cancel(&self, reason: CancelReason) {
+        let _ = self.reason.set(reason);
+        self.cancel.cancel();
+    }
+}
+
+#[derive(Default)]
+struct SlotState {
+    running: Vec<Active>,
+    next_due: Option<DateTime<Utc>>,
+    timer_id: Option<Uuid>,
+}
+
+/// One scheduled job.
+struct Slot {
+    spec: JobSpec,
+    job: Arc<dyn Job>,
+    generation: u64,
+    state: Mutex<SlotState>,
+}
+
+impl Slot {
+    fn state(&self) -> MutexGuard<'_, SlotState> {
+        // A panic while holding this lock cannot leave the state half-written (every
+        // critical section is a few pushes and pops), so a poisoned lock is usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Inner {
+    host: String,
+    ledger: Ledger,
+    timer: Timer,
+    slots: RwLock<BTreeMap<String, Arc<Slot>>>,
+    tracker: TaskTracker,
+    stopping: CancellationToken,
+    generation: AtomicU64,
+    ticks: Mutex<Option<mpsc::UnboundedReceiver<Tick>>>,
+    started: AtomicBool,
+}
+
+/// The scheduler. Cheap to clone.
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+impl Scheduler {
+    pub async fn new(ledger: Ledger, host: impl Into<String>) -> Result<Self, SchedulerError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let timer = Timer::new(tx).await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                host: host.into(),
+                ledger,
+                timer,
+                slots: RwLock::new(BTreeMap::new()),
+                tracker: TaskTracker::new(),
+                stopping: CancellationToken::new(),
+                generation: AtomicU64::new(0),
+                ticks: Mutex::new(Some(rx)),
+                started: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    pub fn host(&self) -> &str {
+        &self.inner.host
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.inner.ledger
+    }
+
+    /// Registers a job. Once the scheduler is started, an enabled job is armed at once.
+    pub async fn add(&self, spec: JobSpec, job: Arc<dyn Job>) -> Result<(), SchedulerError> {
+        let slot = {
+            let mut slots = self.inner.write_slots();
+            if slots.contains_key(&spec.name) {
+                return Err(SchedulerError::Duplicate(spec.name));
+            }
+            let slot = Arc::new(Slot {
+                generation: self.inner.generation.fetch_add(1, Ordering::Relaxed),
+                spec,
+                job,
+                state: Mutex::new(SlotState::default()),
+            });
+            slots.insert(slot.spec.name.clone(), slot.clone());
+            slot
+        };
+        if self.inner.started.load(Ordering::Acquire) && slot.spec.enabled {
+            self.inner.arm_next(&slot, Utc::now()).await;
+        }
+        Ok(())
+    }
+
+    /// Starts the clock, arms every enabled job and runs catch-ups.
+    pub async fn start(&self) -> Result<(), SchedulerError> {
+        let ticks = self
+            .inner
+            .ticks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or(SchedulerError::AlreadyStarted)?;
+        self.inner.timer.start().await?;
+        self.inner.started.store(true, Ordering::Release);
+        let inner = self.inner.clone();
+        tokio::spawn(dispatch(inner, ticks));
+
+        let now = Utc::now();
+        for slot in self.inner.slot_list() {
+            if !slot.spec.enabled {
+                continue;
+            }
+            self.inner.arm_next(&slot, now).await;
+            if slot.spec.catch_up == CatchUp::Once {
+                self.inner.catch_up(&slot, now).await;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.inner.started.load(Ordering::Acquire) && !self.inner.stopping.is_cancelled()
+    }
+
+    /// Runs a job now, under the same rules as a scheduled firing.
+    pub fn trigger(&self, name: &str, force: bool) -> Result<RunHandle, TriggerError> {
+        let slot = self
+            .inner
+            .slot(name)
+            .ok_or_else(|| TriggerError::UnknownJob(name.to_owned()))?;
+        if !slot.spec.enabled && !force {
+            return Err(TriggerError::Disabled(name.to_owned()));
+        }
+        self.inner.fire(&slot, Trigger::Manual, Utc::now())
+    }
+
+    pub fn jobs(&self) -> Vec<JobStatus> {
+        self.inner
+            .slot_list()
+            .iter()
+            .map(|slot| {
+                let state = slot.state();
+                JobStatus {
+                    name: slot.spec.name.clone(),
+                    kind: slot.spec.kind.to_string(),
+                    schedule: slot.spec.schedule.to_string(),
+                    enabled: slot.spec.enabled,
+                    overlap: format!("{:?}", slot.spec.overlap).to_lowercase(),
+                    next_fire: state.next_due,
+                    running: state.running.iter().map(|a| a.id).collect(),
+                }
+            })
+            .collect()
+    }
+
+    pub fn spec(&self, name: &str) -> Option<JobSpec> {
+        self.inner.slot(name).map(|s| s.spec.clone())
+    }
+
+    /// Stops firing, waits up to `grace` for running runs, cancels the rest (recorded
+    /// `abandoned`) and flushes the ledger.
+    pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
+        let inner = &self.inner;
+        inner.stopping.cancel();
+        inner.timer.shutdown().await;
+        inner.tracker.close();
+        let mut report = ShutdownReport::default();
+        if tokio::time::timeout(grace, inner.tracker.wait())
+            .await
+            .is_err()
+        {
+            for slot in inner.slot_list() {
+                for active in slot.state().running.iter() {
+                    active.cancel(CancelReason::Shutdown);
+                    report.abandoned += 1;
+                }
+            }
+            tracing::warn!(
+                runs = report.abandoned,
+                ?grace,
+                "shutdown grace expired; cancelling the runs still going"
+            );
+            if tokio::time::timeout(run::ABORT_WAIT * 2, inner.tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::error!("some runs did not stop after cancellation");
+            }
+        }
+        match inner.ledger.flush(Duration::from_secs(10)).await {
+            Ok(()) => report.ledger_flushed = true,
+            Err(e) => tracing::error!(error = %e, "run ledger not fully written at shutdown"),
+        }
+        report
+    }
+}
+
+impl Inner {
+    fn write_slots(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Slot>>> {
+        self.slots.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slot(&self, name: &str) -> Option<Arc<Slot>> {
+        self.slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    fn slot_list(&self) -> Vec<Arc<Slot>> {
+        self.slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Arms the slot's next firing after `after`.
+    async fn arm_next(&self, slot: &Arc<Slot>, after: DateTime<Utc>) {
+        let Some(due) = slot.spec.schedule.next_after(after) else {
+            tracing::warn!(job = %slot.spec.name, "schedule has no further firings");
+            slot.state().next_due = None;
+            return;
+        };
+        let tick = Tick {
+            job: slot.spec.name.clone(),
+            generation: slot.generation,
+            due,
+        };
+        match self.timer.arm(tick).await {
+            Ok(id) => {
+                let mut state = slot.state();
+                state.next_due = Some(due);
+                state.timer_id = Some(id);
+            }
+            Err(e) => tracing::error!(job = %slot.spec.name, error = %e, "cannot arm the timer"),
+        }
+    }
+
+    async fn catch_up(self: &Arc<Self>, slot: &Arc<Slot>, now: DateTime<Utc>) {
+        let last = match self.ledger.store().last_firing(&slot.spec.name).await {
+            Ok(Some(last)) => last,
+            // Never fired: nothing can have been missed.
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(job = %slot.spec.name, error = %e, "cannot read the last firing; no catch-up");
+                return;
+            }
+        };
+        if let Some(missed) = slot.spec.schedule.latest_in(last, now) {
+            tracing::info!(job = %slot.spec.name, %missed, last_firing = %last, "catching up a missed firing");
+            if let Err(e) = self.fire(slot, Trigger::CatchUp, missed) {
+                tracing::info!(job = %slot.spec.name, error = %e, "catch-up not started");
+            }
+        }
+    }
+
+    /// Starts a run of `slot` unless its overlap policy refuses; never waits.
+    fn fire(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        trigger: Trigger,
+        scheduled_at: DateTime<Utc>,
+    ) -> Result<RunHandle, TriggerError> {
+        if self.stopping.is_cancelled() {
+            return Err(TriggerError::Stopping);
+        }
+        let id = Uuid::now_v7();
+        let active = Active::new(id);
+        {
+            let mut state = slot.state();
+            match slot.spec.overlap {
+                Overlap::Forbid => {
+                    if let Some(running) = state.running.first().map(|a| a.id) {
+                        drop(state);
+                        self.record_skip(slot, id, trigger, scheduled_at, running);
+                        return Err(TriggerError::Refused {
+                            job: slot.spec.name.clone(),
+                            running,
+                        });
+                    }
+                }
+                Overlap::Replace => {
+                    for old in state.running.drain(..) {
+                        tracing::info!(job = %slot.spec.name, run_id = %old.id, replaced_by = %id, "replacing the running run");
+                        old.cancel(CancelReason::Replaced { by: id });
+                    }
+                }
+                Overlap::Allow => {}
+            }
+            state.running.push(active.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        self.tracker.spawn(run::govern(
+            self.clone(),
+            slot.clone(),
+            run::Firing {
+                id,
+                trigger,
+                scheduled_at,
+            },
+            active,
+            tx,
+        ));
+        Ok(RunHandle {
+            run_id: id,
+            done: rx,
+        })
+    }
+
+    fn record_skip(
+        &self,
+        slot: &Slot,
+        id: Uuid,
+        trigger: Trigger,
+        scheduled_at: DateTime<Utc>,
+        running: Uuid,
+    ) {
+        let now = Utc::now();
+        tracing::info!(job = %slot.spec.name, run_id = %id, %running, "firing skipped: previous run still going");
+        self.ledger.record(RunRecord {
+            id,
+            job: slot.spec.name.clone(),
+            kind: slot.spec.kind.to_string(),
+            trigger,
+            attempt: 1,
+            retry_of: None,
+            scheduled_at,
+            started_at: now,
+            finished_at: Some(now),
+            status: RunStatus::Skipped,
+            items: None,
+            error: Some(format!(
+                "overlap policy forbid: run {running} was still running"
+            )),
+            host: self.host.clone(),
+        });
+    }
+}
+
+/// Receives ticks from the clock: re-arms the job, then starts the run on its instant.
+async fn dispatch(inner: Arc<Inner>, mut ticks: mpsc::UnboundedReceiver<Tick>) {
+    loop {
+        let tick = tokio::select! {
+            () = inner.stopping.cancelled() => return,
+            tick = ticks.recv() => match tick {
+                Some(t) => t,
+                None => return,
+            },
+        };
+        let Some(slot) = inner.slot(&tick.job) else {
+            continue;
+        };
+        if slot.generation != tick.generation || !slot.spec.enabled {
+            continue;
+        }
+        // Re-arm from the later of the due time and now: after a long stall (suspend,
+        // clock jump) the missed firings collapse into this one instead of a burst.
+        inner.arm_next(&slot, tick.due.max(Utc::now())).await;
+        let inner2 = inner.clone();
+        inner.tracker.spawn(async move {
+            let wait = (tick.due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            tokio::select! {
+                () = inner2.stopping.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            // A refusal is already recorded and logged by `fire`.
+            let _ = inner2.fire(&slot, Trigger::Schedule, tick.due);
+        });
+    }
+}

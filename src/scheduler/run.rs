@@ -1,0 +1,215 @@
+//! One governed run: attempts, timeout, retries with backoff, panic isolation and the
+//! ledger rows that record each attempt.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use super::{Active, CancelReason, Inner, RunResult, Slot};
+use crate::jobs::{JobError, RunContext, RunOutcome};
+use crate::store::{RunRecord, RunStatus, Trigger};
+
+/// How long to wait for a cancelled attempt to actually stop.
+pub(super) const ABORT_WAIT: Duration = Duration::from_secs(5);
+
+pub(super) struct Firing {
+    pub id: Uuid,
+    pub trigger: Trigger,
+    pub scheduled_at: DateTime<Utc>,
+}
+
+/// How one attempt ended.
+struct Ended {
+    status: RunStatus,
+    items: Option<i64>,
+    error: Option<String>,
+    /// Cancelled from outside: never retried.
+    cancelled: bool,
+}
+
+pub(super) async fn govern(
+    inner: Arc<Inner>,
+    slot: Arc<Slot>,
+    firing: Firing,
+    active: Active,
+    done: watch::Sender<Option<RunResult>>,
+) {
+    let spec = &slot.spec;
+    let first_started = Utc::now();
+    let mut attempt = 1u32;
+    let mut id = firing.id;
+    let result = loop {
+        let mut record = RunRecord {
+            id,
+            job: spec.name.clone(),
+            kind: spec.kind.to_string(),
+            trigger: if attempt == 1 {
+                firing.trigger
+            } else {
+                Trigger::Retry
+            },
+            attempt,
+            retry_of: (attempt > 1).then_some(firing.id),
+            scheduled_at: firing.scheduled_at,
+            started_at: Utc::now(),
+            finished_at: None,
+            status: RunStatus::Running,
+            items: None,
+            error: None,
+            host: inner.host.clone(),
+        };
+        inner.ledger.record(record.clone());
+
+        let span = tracing::info_span!(
+            "run",
+            job = %spec.name,
+            run_id = %id,
+            attempt,
+            trigger = %record.trigger,
+        );
+        let ended = attempt_once(&slot, id, &active, span.clone()).await;
+        record.finished_at = Some(Utc::now());
+        record.status = ended.status;
+        record.items = ended.items;
+        record.error = ended.error.clone();
+        inner.ledger.record(record.clone());
+        let duration_ms = (record.finished_at.unwrap_or(record.started_at) - record.started_at)
+            .num_milliseconds();
+        span.in_scope(|| match ended.status {
+            RunStatus::Succeeded | RunStatus::Skipped => tracing::info!(
+                status = %ended.status, items = ended.items, duration_ms, "run finished"
+            ),
+            _ => tracing::warn!(
+                status = %ended.status, error = ended.error.as_deref().unwrap_or(""), duration_ms, "run did not succeed"
+            ),
+        });
+
+        let retryable = matches!(ended.status, RunStatus::Failed | RunStatus::TimedOut)
+            && !ended.cancelled
+            && attempt < spec.retries.max_attempts;
+        if retryable {
+            let pause = spec.retries.backoff_before(attempt + 1);
+            span.in_scope(|| tracing::info!(next_attempt = attempt + 1, ?pause, "will retry"));
+            let keep_going = tokio::select! {
+                () = tokio::time::sleep(pause) => true,
+                () = active.cancel.cancelled() => false,
+                () = inner.stopping.cancelled() => false,
+            };
+            if keep_going {
+                attempt += 1;
+                id = Uuid::now_v7();
+                continue;
+            }
+        }
+        break RunResult {
+            run_id: firing.id,
+            last_attempt_id: id,
+            job: spec.name.clone(),
+            status: ended.status,
+            attempts: attempt,
+            items: ended.items,
+            error: ended.error,
+            started_at: first_started,
+            finished_at: record.finished_at.unwrap_or_else(Utc::now),
+        };
+    };
+    slot.state().running.retain(|a| a.id != firing.id);
+    done.send_replace(Some(result));
+}
+
+/// Runs the job once in its own task, so a panic is caught and a hang is cut off.
+async fn attempt_once(slot: &Slot, id: Uuid, active: &Active, span: tracing::Span) -> Ended {
+    let timeout = slot.spec.timeout;
+    let ctx = RunContext {
+        job: slot.spec.name.as_str().into(),
+        run_id: id,
+        deadline: tokio::time::Instant::now() + timeout,
+    };
+    let job = slot.job.clone();
+    let mut handle = tokio::spawn(async move { job.run(ctx).await }.instrument(span));
+
+    enum Stop {
+        Joined(Result<Result<RunOutcome, JobError>, tokio::task::JoinError>),
+        TimedOut,
+        Cancelled,
+    }
+    let stop = tokio::select! {
+        joined = &mut handle => Stop::Joined(joined),
+        () = tokio::time::sleep(timeout) => Stop::TimedOut,
+        () = active.cancel.cancelled() => Stop::Cancelled,
+    };
+    if !matches!(stop, Stop::Joined(_)) {
+        handle.abort();
+        // Dropping the future is what stops the work (and kills child processes).
+        if tokio::time::timeout(ABORT_WAIT, &mut handle).await.is_err() {
+            tracing::error!(job = %slot.spec.name, run_id = %id, "cancelled run is blocked and did not stop");
+        }
+    }
+
+    match stop {
+        Stop::Joined(Ok(Ok(RunOutcome::Completed { items }))) => Ended {
+            status: RunStatus::Succeeded,
+            items: items.map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
+            error: None,
+            cancelled: false,
+        },
+        Stop::Joined(Ok(Ok(RunOutcome::Skipped { reason }))) => Ended {
+            status: RunStatus::Skipped,
+            items: None,
+            error: Some(reason),
+            cancelled: false,
+        },
+        Stop::Joined(Ok(Err(e))) => Ended {
+            status: RunStatus::Failed,
+            items: None,
+            error: Some(e.to_string()),
+            cancelled: false,
+        },
+        Stop::Joined(Err(join)) => Ended {
+            status: RunStatus::Failed,
+            items: None,
+            error: Some(match join.try_into_panic() {
+                Ok(payload) => format!("panicked: {}", panic_message(payload.as_ref())),
+                Err(_) => "the run's task was cancelled".to_owned(),
+            }),
+            cancelled: false,
+        },
+        Stop::TimedOut => Ended {
+            status: RunStatus::TimedOut,
+            items: None,
+            error: Some(format!(
+                "timed out after {}",
+                humantime::format_duration(timeout)
+            )),
+            cancelled: false,
+        },
+        Stop::Cancelled => match active.reason.get().copied() {
+            Some(CancelReason::Replaced { by }) => Ended {
+                status: RunStatus::Failed,
+                items: None,
+                error: Some(format!("cancelled: replaced by run {by}")),
+                cancelled: true,
+            },
+            Some(CancelReason::Shutdown) | None => Ended {
+                status: RunStatus::Abandoned,
+                items: None,
+                error: Some("vigil shut down before the run finished".to_owned()),
+                cancelled: true,
+            },
+        },
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(a non-string panic payload)".to_owned()
+    }
+}

@@ -1,0 +1,312 @@
+//! The `job_runs` ledger table.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::Row as _;
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+
+/// Why a run started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    Schedule,
+    Manual,
+    Retry,
+    CatchUp,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Schedule => "schedule",
+            Trigger::Manual => "manual",
+            Trigger::Retry => "retry",
+            Trigger::CatchUp => "catch_up",
+        }
+    }
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Trigger {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "schedule" => Trigger::Schedule,
+            "manual" => Trigger::Manual,
+            "retry" => Trigger::Retry,
+            "catch_up" => Trigger::CatchUp,
+            other => return Err(format!("unknown trigger {other:?}")),
+        })
+    }
+}
+
+/// Where a run stands. Every status but `running` is final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Skipped,
+    Abandoned,
+}
+
+impl RunStatus {
+    pub const ALL: [RunStatus; 6] = [
+        RunStatus::Running,
+        RunStatus::Succeeded,
+        RunStatus::Failed,
+        RunStatus::TimedOut,
+        RunStatus::Skipped,
+        RunStatus::Abandoned,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::TimedOut => "timed_out",
+            RunStatus::Skipped => "skipped",
+            RunStatus::Abandoned => "abandoned",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        self != RunStatus::Running
+    }
+}
+
+impl fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RunStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RunStatus::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown run status {s:?}, expected one of {}",
+                    RunStatus::ALL.map(|s| s.as_str()).join(", ")
+                )
+            })
+    }
+}
+
+/// One row of `job_runs`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunRecord {
+    pub id: Uuid,
+    pub job: String,
+    pub kind: String,
+    pub trigger: Trigger,
+    pub attempt: u32,
+    pub retry_of: Option<Uuid>,
+    pub scheduled_at: DateTime<Utc>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub status: RunStatus,
+    pub items: Option<i64>,
+    pub error: Option<String>,
+    pub host: String,
+}
+
+const COLUMNS: &str = "id, job, kind, trigger, attempt, retry_of, scheduled_at, started_at, \
+                       finished_at, status, items, error, host";
+
+fn from_row(row: &sqlx::postgres::PgRow) -> Result<RunRecord, StoreError> {
+    let bad = |e: String| StoreError::Query(sqlx::Error::Decode(e.into()));
+    Ok(RunRecord {
+        id: row.try_get("id")?,
+        job: row.try_get("job")?,
+        kind: row.try_get("kind")?,
+        trigger: row.try_get::<String, _>("trigger")?.parse().map_err(bad)?,
+        attempt: u32::try_from(row.try_get::<i32, _>("attempt")?).unwrap_or(1),
+        retry_of: row.try_get("retry_of")?,
+        scheduled_at: row.try_get("scheduled_at")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+        status: row.try_get::<String, _>("status")?.parse().map_err(bad)?,
+        items: row.try_get("items")?,
+        error: row.try_get("error")?,
+        host: row.try_get("host")?,
+    })
+}
+
+/// A page of run history.
+#[derive(Debug, Clone, Default)]
+pub struct RunQuery<'a> {
+    pub job: Option<&'a str>,
+    pub status: Option<RunStatus>,
+    /// Keyset cursor: only runs older than this one (ids are time-ordered UUIDv7).
+    pub before: Option<Uuid>,
+    pub limit: i64,
+}
+
+impl Store {
+    /// Inserts or advances ledger rows in one statement. A row that already reached a
+    /// final status is never changed again, so a late or repeated write is harmless.
+    pub async fn upsert_runs(&self, runs: &[RunRecord]) -> Result<(), StoreError> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let mut ids = Vec::with_capacity(runs.len());
+        let mut jobs = Vec::with_capacity(runs.len());
+        let mut kinds = Vec::with_capacity(runs.len());
+        let mut triggers = Vec::with_capacity(runs.len());
+        let mut attempts = Vec::with_capacity(runs.len());
+        let mut retry_ofs = Vec::with_capacity(runs.len());
+        let mut scheduled = Vec::with_capacity(runs.len());
+        let mut started = Vec::with_capacity(runs.len());
+        let mut finished = Vec::with_capacity(runs.len());
+        let mut statuses = Vec::with_capacity(runs.len());
+        let mut items = Vec::with_capacity(runs.len());
+        let mut errors = Vec::with_capacity(runs.len());
+        let mut hosts = Vec::with_capacity(runs.len());
+        for r in runs {
+            ids.push(r.id);
+            jobs.push(r.job.as_str());
+            kinds.push(r.kind.as_str());
+            triggers.push(r.trigger.as_str());
+            attempts.push(i32::try_from(r.attempt).unwrap_or(i32::MAX));
+            retry_ofs.push(r.retry_of);
+            scheduled.push(r.scheduled_at);
+            started.push(r.started_at);
+            finished.push(r.finished_at);
+            statuses.push(r.status.as_str());
+            items.push(r.items);
+            errors.push(r.error.as_deref());
+            hosts.push(r.host.as_str());
+        }
+        sqlx::query(
+            "INSERT INTO job_runs (id, job, kind, trigger, attempt, retry_of, scheduled_at, \
+                                   started_at, finished_at, status, items, error, host)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], \
+                                  $6::uuid[], $7::timestamptz[], $8::timestamptz[], \
+                                  $9::timestamptz[], $10::text[], $11::bigint[], $12::text[], \
+                                  $13::text[])
+             ON CONFLICT (id) DO UPDATE SET
+                 finished_at = EXCLUDED.finished_at,
+                 status = EXCLUDED.status,
+                 items = EXCLUDED.items,
+                 error = EXCLUDED.error
+             WHERE job_runs.status = 'running'",
+        )
+        .bind(&ids)
+        .bind(&jobs)
+        .bind(&kinds)
+        .bind(&triggers)
+        .bind(&attempts)
+        .bind(&retry_ofs)
+        .bind(&scheduled)
+        .bind(&started)
+        .bind(&finished)
+        .bind(&statuses)
+        .bind(&items)
+        .bind(&errors)
+        .bind(&hosts)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks the runs `host` left `running` as `abandoned`; returns how many.
+    pub async fn abandon_running(&self, host: &str, reason: &str) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE job_runs SET status = 'abandoned', finished_at = now(), error = $2
+             WHERE host = $1 AND status = 'running'",
+        )
+        .bind(host)
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// The latest scheduled firing recorded for `job` (run, skipped or caught up).
+    pub async fn last_firing(&self, job: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let at: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "SELECT max(scheduled_at) FROM job_runs
+             WHERE job = $1 AND trigger IN ('schedule', 'catch_up')",
+        )
+        .bind(job)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(at)
+    }
+
+    pub async fn run(&self, id: Uuid) -> Result<Option<RunRecord>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM job_runs WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// Runs newest first, filtered and paged by keyset.
+    pub async fn runs(&self, q: &RunQuery<'_>) -> Result<Vec<RunRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM job_runs
+             WHERE ($1::text IS NULL OR job = $1)
+               AND ($2::text IS NULL OR status = $2)
+               AND ($3::uuid IS NULL OR (started_at, id) < (SELECT started_at, id FROM job_runs WHERE id = $3))
+             ORDER BY started_at DESC, id DESC
+             LIMIT $4"
+        ))
+        .bind(q.job)
+        .bind(q.status.map(RunStatus::as_str))
+        .bind(q.before)
+        .bind(q.limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(from_row).collect()
+    }
+
+    /// The most recent run of each job, for "last run" views.
+    pub async fn last_runs(&self) -> Result<Vec<RunRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT DISTINCT ON (job) {COLUMNS} FROM job_runs
+             ORDER BY job, started_at DESC, id DESC"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(from_row).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_triggers_round_trip_through_their_column_text() {
+        for s in RunStatus::ALL {
+            assert_eq!(s.as_str().parse::<RunStatus>().unwrap(), s);
+        }
+        for t in [
+            Trigger::Schedule,
+            Trigger::Manual,
+            Trigger::Retry,
+            Trigger::CatchUp,
+        ] {
+            assert_eq!(t.as_str().parse::<Trigger>().unwrap(), t);
+        }
+        assert!("done".parse::<RunStatus>().is_err());
+    }
+}
