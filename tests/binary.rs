@@ -1,0 +1,359 @@
+//! The real `vigil` binary against real PostgreSQL: run, signals, trigger, restart.
+
+mod common;
+
+use std::io::{BufRead as _, BufReader};
+use std::os::unix::fs::PermissionsExt as _;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{Running, TestDb, eventually, vigil, write};
+use nix::sys::signal::Signal;
+use vigil::store::RunStatus;
+use vigil::store::runs::RunQuery;
+
+async fn statuses(db: &TestDb, job: &str) -> Vec<RunStatus> {
+    db.store
+        .runs(&RunQuery {
+            job: Some(job),
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.status)
+        .collect()
+}
+
+fn tempdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    // The embedded server may run as another user, who must reach the directory.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_fires_jobs_logs_json_and_exits_zero_on_sigterm() {
+    let db = TestDb::empty().await;
+    let dir = tempdir();
+    write(
+        dir.path(),
+        "jobs.toml",
+        r#"
+[[jobs]]
+name = "hello"
+kind = "command"
+every = "1s"
+[jobs.settings]
+command = ["sh", "-c", "echo hello from the job"]
+"#,
+    );
+    let mut child = Running(
+        vigil(
+            dir.path(),
+            &["run"],
+            &[("DATABASE_URL", &db.url), ("VIGIL_HOST", "t1")],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap(),
+    );
+    // `run` migrates the empty database itself, then fires every second.
+    eventually(Duration::from_secs(20), "three successful runs", || async {
+        let ok = sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM job_runs WHERE job = 'hello' AND status = 'succeeded' AND host = 't1'",
+        )
+        .fetch_one(db.pool())
+        .await
+        .ok()?;
+        (ok >= 3).then_some(())
+    })
+    .await;
+    child.signal(Signal::SIGTERM);
+    let status = child
+        .wait_exit(Duration::from_secs(15))
+        .expect("exits after SIGTERM");
+    assert!(status.success(), "{status:?}");
+
+    let stdout = BufReader::new(child.0.stdout.take().unwrap());
+    let lines: Vec<String> = stdout.lines().map_while(Result::ok).collect();
+    assert!(!lines.is_empty());
+    let mut saw_job_output = false;
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        for field in ["timestamp", "level", "target"] {
+            assert!(v.get(field).is_some(), "{field} missing: {line}");
+        }
+        if v["message"] == "hello from the job" {
+            saw_job_output = true;
+            let span = &v["spans"][0];
+            assert_eq!(span["job"], "hello", "{line}");
+            assert!(span["run_id"].is_string(), "{line}");
+        }
+    }
+    assert!(
+        saw_job_output,
+        "the command's output is logged inside its run"
+    );
+    assert!(statuses(&db, "hello").await.iter().all(|s| s.is_final()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_abandons_runs_past_the_grace_period_and_kills_their_processes() {
+    let db = TestDb::new().await;
+    let dir = tempdir();
+    let pid_file = dir.path().join("child.pid");
+    write(
+        dir.path(),
+        "jobs.toml",
+        &format!(
+            r#"
+[runner]
+shutdown_grace = "1s"
+
+[[jobs]]
+name = "long"
+kind = "command"
+every = "1s"
+[jobs.settings]
+command = ["sh", "-c", "echo $$ > {}; exec sleep 60"]
+"#,
+            pid_file.display()
+        ),
+    );
+    let mut child = Running(
+        vigil(dir.path(), &["run"], &[("DATABASE_URL", &db.url)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    eventually(Duration::from_secs(20), "a running run", || async {
+        statuses(&db, "long")
+            .await
+            .contains(&RunStatus::Running)
+            .then_some(())
+    })
+    .await;
+    let sleeper: i32 = eventually(Duration::from_secs(5), "the pid file", || async {
+        std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()
+    })
+    .await;
+    let t = std::time::Instant::now();
+    child.signal(Signal::SIGTERM);
+    let status = child.wait_exit(Duration::from_secs(15)).expect("exits");
+    assert!(status.success());
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "bounded by the grace: {:?}",
+        t.elapsed()
+    );
+    let st = statuses(&db, "long").await;
+    assert!(st.contains(&RunStatus::Abandoned), "{st:?}");
+    assert!(!st.contains(&RunStatus::Running), "{st:?}");
+    // The job's process went with its run.
+    let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(sleeper), None).is_ok();
+    assert!(!alive, "sleep {sleeper} still running");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_marks_runs_left_running_by_a_killed_vigil_as_abandoned() {
+    let db = TestDb::new().await;
+    let dir = tempdir();
+    write(
+        dir.path(),
+        "jobs.toml",
+        r#"
+[[jobs]]
+name = "long"
+kind = "command"
+every = "1s"
+[jobs.settings]
+command = ["sleep", "60"]
+"#,
+    );
+    let env = [("DATABASE_URL", db.url.as_str()), ("VIGIL_HOST", "box-1")];
+    let mut first = Running(
+        vigil(dir.path(), &["run"], &env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    eventually(Duration::from_secs(20), "a running run", || async {
+        statuses(&db, "long")
+            .await
+            .contains(&RunStatus::Running)
+            .then_some(())
+    })
+    .await;
+    first.signal(Signal::SIGKILL);
+    first.wait_exit(Duration::from_secs(5)).expect("killed");
+    assert!(statuses(&db, "long").await.contains(&RunStatus::Running));
+
+    let mut second = Running(
+        vigil(dir.path(), &["run"], &env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let abandoned = eventually(Duration::from_secs(20), "the orphan abandoned", || async {
+        let rows = db
+            .store
+            .runs(&RunQuery {
+                job: Some("long"),
+                status: Some(RunStatus::Abandoned),
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .ok()?;
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    assert_eq!(
+        abandoned[0].error.as_deref(),
+        Some("vigil stopped before the run finished")
+    );
+    second.signal(Signal::SIGTERM);
+    second.wait_exit(Duration::from_secs(40));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trigger_runs_one_job_records_it_and_reports_failure_by_exit_code() {
+    let db = TestDb::empty().await;
+    let dir = tempdir();
+    write(
+        dir.path(),
+        "jobs.toml",
+        r#"
+[[jobs]]
+name = "good"
+kind = "command"
+cron = "0 0 0 1 1 *"
+[jobs.settings]
+command = ["true"]
+
+[[jobs]]
+name = "bad"
+kind = "command"
+cron = "0 0 0 1 1 *"
+[jobs.settings]
+command = ["sh", "-c", "echo broken pipe >&2; exit 3"]
+
+[[jobs]]
+name = "off"
+kind = "command"
+every = "1h"
+enabled = false
+[jobs.settings]
+command = ["true"]
+"#,
+    );
+    let env = [("DATABASE_URL", db.url.as_str())];
+    let out = vigil(dir.path(), &["trigger", "good"], &env)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["status"], "succeeded");
+
+    let out = vigil(dir.path(), &["trigger", "bad"], &env)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["status"], "failed");
+    assert!(
+        result["error"].as_str().unwrap().contains("broken pipe"),
+        "{result}"
+    );
+
+    let out = vigil(dir.path(), &["trigger", "missing"], &env)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no job named \"missing\""));
+
+    let out = vigil(dir.path(), &["trigger", "off"], &env)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("disabled"));
+    let out = vigil(dir.path(), &["trigger", "off", "--force"], &env)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+
+    let rows = sqlx::query_as::<_, (String, String, String)>(
+        "SELECT job, trigger, status FROM job_runs ORDER BY started_at",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            ("good".into(), "manual".into(), "succeeded".into()),
+            ("bad".into(), "manual".into(), "failed".into()),
+            ("off".into(), "manual".into(), "succeeded".into()),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_creates_the_schema_and_is_idempotent() {
+    let db = TestDb::empty().await;
+    let dir = tempdir();
+    write(dir.path(), "jobs.toml", "");
+    for _ in 0..2 {
+        let out = vigil(dir.path(), &["migrate"], &[("DATABASE_URL", &db.url)])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    for t in ["job_runs", "reading_analytics", "system_metrics"] {
+        assert!(tables.contains(&t.to_owned()), "{tables:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_database_fails_start_up_with_a_clear_error() {
+    let dir = tempdir();
+    write(dir.path(), "jobs.toml", "");
+    let out = vigil(
+        dir.path(),
+        &["migrate"],
+        &[
+            ("DATABASE_URL", "postgres://nobody:secret@127.0.0.1:1/none"),
+            ("VIGIL_DB_CONNECT_TIMEOUT", "1s"),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot reach PostgreSQL at postgres://nobody:***@127.0.0.1:1/none"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("secret"), "password leaked: {stderr}");
+}

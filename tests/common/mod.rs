@@ -1,0 +1,185 @@
+//! Shared test helpers: a fresh PostgreSQL database per test, and the real binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions as _, Connection as _};
+use vigil::store::Store;
+
+/// The server tests create their databases in. `scripts/test` sets it; the default is
+/// the local server on 5432 as the current user.
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| {
+        let user = std::env::var("USER").unwrap_or_else(|_| "postgres".into());
+        format!("postgres://{user}@127.0.0.1:5432/postgres")
+    })
+}
+
+/// A uniquely named database, migrated, dropped when this value is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub store: Store,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        Self::create(true).await
+    }
+
+    /// An empty database (no migrations), for tests of start-up itself.
+    pub async fn empty() -> Self {
+        Self::create(false).await
+    }
+
+    async fn create(migrate: bool) -> Self {
+        let admin = admin_url();
+        let name = format!("vigil_test_{}", uuid::Uuid::new_v4().simple());
+        let opts = PgConnectOptions::from_str(&admin).expect("TEST_DATABASE_URL is a URL");
+        let mut conn = sqlx::PgConnection::connect_with(&opts).await.unwrap_or_else(|e| {
+            panic!("cannot reach the test PostgreSQL at {admin}: {e}; run ./scripts/test, or set TEST_DATABASE_URL")
+        });
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        conn.close().await.ok();
+        let url = with_database(&admin, &name);
+        let pool = PgPoolOptions::new()
+            .max_connections(10)
+            .connect_with(
+                PgConnectOptions::from_str(&url)
+                    .unwrap()
+                    .log_statements(log::LevelFilter::Trace),
+            )
+            .await
+            .expect("connect to test database");
+        let store = Store::from_pool(pool);
+        if migrate {
+            store.migrate().await.expect("migrate test database");
+        }
+        Self { name, url, store }
+    }
+
+    pub fn pool(&self) -> &sqlx::PgPool {
+        self.store.pool()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let admin = admin_url();
+        // Drop runs outside any runtime guarantee: use a thread with its own runtime.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok(opts) = PgConnectOptions::from_str(&admin)
+                    && let Ok(mut conn) = sqlx::PgConnection::connect_with(&opts).await
+                {
+                    let _ =
+                        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                            .execute(&mut conn)
+                            .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// `postgres://u@h:p/old?x` → `postgres://u@h:p/<db>?x`
+pub fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+pub fn vigil_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vigil"))
+}
+
+/// The real binary with a clean environment: only what the test passes gets in.
+pub fn vigil(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(vigil_bin());
+    cmd.current_dir(dir)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("VIGIL_LOG_FORMAT", "json")
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// A child process killed when the test ends, however it ends.
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Running {
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        nix::sys::signal::kill(pid, sig).expect("signal the child");
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.0.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Some` or `limit` passes.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
