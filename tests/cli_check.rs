@@ -25,7 +25,12 @@ fn check_accepts_the_shipped_jobs_file_and_prints_three_fire_times_per_job() {
     assert!(stdout.starts_with("NAME"), "{stdout}");
     assert!(stdout.contains("NEXT (UTC)") && stdout.contains("NEXT (JOB TIME ZONE)"));
     // Each job: one line with its name, then two more fire times.
-    for job in ["prune-metrics", "prune-run-history", "nightly-dump"] {
+    for job in [
+        "host-metrics",
+        "prune-metrics",
+        "prune-run-history",
+        "nightly-dump",
+    ] {
         let lines: Vec<&str> = stdout.lines().collect();
         let at = lines
             .iter()
@@ -43,7 +48,7 @@ fn check_accepts_the_shipped_jobs_file_and_prints_three_fire_times_per_job() {
         "{stdout}"
     );
     assert!(
-        stdout.trim_end().ends_with("jobs.toml: 3 jobs OK"),
+        stdout.trim_end().ends_with("jobs.toml: 4 jobs OK"),
         "{stdout}"
     );
 }
@@ -74,7 +79,7 @@ fn check_rejects_each_bad_fixture_with_a_located_message() {
         ),
         (
             "unknown_kind",
-            "tests/fixtures/bad/unknown_kind.toml:3:8: job \"prune\": unknown job kind \"retension\", expected one of \"retention\", \"command\"",
+            "tests/fixtures/bad/unknown_kind.toml:3:8: job \"prune\": unknown job kind \"retension\", expected one of \"system_metrics\", \"retention\", \"command\"",
         ),
         (
             "bad_timezone",
@@ -111,7 +116,7 @@ fn check_reports_every_problem_of_a_file_in_one_go() {
     assert_eq!(code, 1);
     let f = "tests/fixtures/bad/many_errors.toml";
     let expected = [
-        format!("{f}:2:8: port: invalid value \"eighty\", expected a port number from 1 to 65535"),
+        format!("{f}:2:8: port: invalid value \"eighty\", expected a port number from 0 to 65535"),
         format!("{f}:5:8: job \"Bad Name\": invalid job name \"Bad Name\""),
         format!("{f}:7:9: job \"Bad Name\": invalid duration \"0s\": must be more than 0"),
         format!("{f}:8:11: job \"Bad Name\": unknown variant `sometimes`"),

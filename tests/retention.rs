@@ -9,7 +9,7 @@ use common::TestDb;
 use vigil::config;
 use vigil::jobs::{self, Deps, RunContext, RunOutcome};
 
-fn retention_settings(batch: u32, older_than: &str) -> vigil::jobs::KindConfig {
+fn retention_spec(batch: u32, older_than: &str) -> vigil::config::JobSpec {
     let text = format!(
         "[[jobs]]\nname = \"prune\"\nkind = \"retention\"\nevery = \"1h\"\n\
          [jobs.settings]\nbatch_size = {batch}\n\
@@ -19,7 +19,6 @@ fn retention_settings(batch: u32, older_than: &str) -> vigil::jobs::KindConfig {
         .unwrap()
         .jobs
         .remove(0)
-        .settings
 }
 
 fn ctx() -> RunContext {
@@ -51,11 +50,14 @@ async fn retention_deletes_only_old_rows_in_batches_and_counts_them() {
     .unwrap();
 
     let job = jobs::build(
-        &retention_settings(500, "30d"),
+        &retention_spec(500, "30d"),
         &Deps {
             store: db.store.clone(),
+            host: "h".into(),
+            metrics: Default::default(),
         },
-    );
+    )
+    .unwrap();
     let outcome = job.run(ctx()).await.unwrap();
     assert_eq!(outcome, RunOutcome::Completed { items: Some(2345) });
 
@@ -105,17 +107,19 @@ async fn retention_on_a_missing_column_fails_with_a_message_naming_it() {
     let db = TestDb::new().await;
     let text = "[[jobs]]\nname = \"prune\"\nkind = \"retention\"\nevery = \"1h\"\n\
                 [jobs.settings]\ntables = [{ table = \"system_metrics\", column = \"created\", older_than = \"1d\" }]\n";
-    let settings = config::parse_jobs(Path::new("t.toml"), text)
+    let spec = config::parse_jobs(Path::new("t.toml"), text)
         .unwrap()
         .jobs
-        .remove(0)
-        .settings;
+        .remove(0);
     let job = jobs::build(
-        &settings,
+        &spec,
         &Deps {
             store: db.store.clone(),
+            host: "h".into(),
+            metrics: Default::default(),
         },
-    );
+    )
+    .unwrap();
     let err = job.run(ctx()).await.unwrap_err().to_string();
     assert!(
         err.contains("system_metrics") && err.contains("created"),

@@ -64,7 +64,11 @@ impl Job for Flaky {
 }
 
 async fn scheduler(db: &TestDb, host: &str) -> Scheduler {
-    let ledger = Ledger::start(db.store.clone(), ledger::DEFAULT_CAPACITY);
+    let ledger = Ledger::start(
+        db.store.clone(),
+        ledger::DEFAULT_CAPACITY,
+        Default::default(),
+    );
     Scheduler::new(ledger, host).await.unwrap()
 }
 

@@ -390,6 +390,9 @@ fn parse_settings(
 ) -> Option<KindConfig> {
     let label = format!("{label} settings");
     match kind {
+        JobKind::SystemMetrics => deserialize_collecting(map, &label, value, diags)
+            .and_then(|c| check(map, &label, c, diags))
+            .map(KindConfig::SystemMetrics),
         JobKind::Retention => deserialize_collecting(map, &label, value, diags)
             .and_then(|c| check(map, &label, c, diags))
             .map(KindConfig::Retention),

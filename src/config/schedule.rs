@@ -174,6 +174,20 @@ impl Schedule {
         None
     }
 
+    /// The usual time between firings (for sizing buffers): the period of `every`, or
+    /// the gap between the next two cron firings.
+    pub fn typical_interval(&self) -> Option<Duration> {
+        match self {
+            Schedule::Every { period } => Some(*period),
+            Schedule::Cron { .. } => {
+                let next = self.upcoming(Utc::now(), 2);
+                (next.len() == 2)
+                    .then(|| (next[1] - next[0]).to_std().ok())
+                    .flatten()
+            }
+        }
+    }
+
     /// The time zone firing times are shown in.
     pub fn tz(&self) -> Tz {
         match self {

@@ -5,6 +5,7 @@
 
 pub mod command;
 pub mod retention;
+pub mod system_metrics;
 
 use std::fmt;
 use std::sync::Arc;
@@ -12,20 +13,24 @@ use std::sync::Arc;
 use serde::{Deserialize, Deserializer, de::Error as _};
 use uuid::Uuid;
 
+use crate::config::JobSpec;
 use crate::store::{Store, StoreError};
+use crate::telemetry::metrics::Metrics;
 
 /// The kinds a `[[jobs]]` entry can name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum JobKind {
+    SystemMetrics,
     Retention,
     Command,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 2] = [JobKind::Retention, JobKind::Command];
+    pub const ALL: [JobKind; 3] = [JobKind::SystemMetrics, JobKind::Retention, JobKind::Command];
 
     pub fn as_str(self) -> &'static str {
         match self {
+            JobKind::SystemMetrics => "system_metrics",
             JobKind::Retention => "retention",
             JobKind::Command => "command",
         }
@@ -56,6 +61,7 @@ impl<'de> Deserialize<'de> for JobKind {
 /// A kind's own settings, from the job's `[jobs.settings]` table.
 #[derive(Debug, Clone, PartialEq)]
 pub enum KindConfig {
+    SystemMetrics(system_metrics::SystemMetricsConfig),
     Retention(retention::RetentionConfig),
     Command(command::CommandConfig),
 }
@@ -92,20 +98,34 @@ pub enum JobError {
 #[async_trait::async_trait]
 pub trait Job: Send + Sync + 'static {
     async fn run(&self, ctx: RunContext) -> Result<RunOutcome, JobError>;
+
+    /// Called once at shutdown, after the last run: flush what the job holds.
+    async fn shutdown(&self) {}
 }
 
 /// What jobs may use.
 #[derive(Clone, Debug)]
 pub struct Deps {
     pub store: Store,
+    /// The runner's name (the ledger's `host`).
+    pub host: String,
+    pub metrics: Metrics,
 }
 
-/// Builds the job a validated settings table describes.
-pub fn build(settings: &KindConfig, deps: &Deps) -> Arc<dyn Job> {
-    match settings {
+/// Builds the job a validated spec describes.
+pub fn build(spec: &JobSpec, deps: &Deps) -> Result<Arc<dyn Job>, JobError> {
+    Ok(match &spec.settings {
+        KindConfig::SystemMetrics(c) => Arc::new(system_metrics::SystemMetrics::new(
+            &spec.name,
+            c,
+            deps.store.clone(),
+            &deps.host,
+            spec.schedule.typical_interval(),
+            &deps.metrics,
+        )?),
         KindConfig::Retention(c) => {
             Arc::new(retention::Retention::new(c.clone(), deps.store.clone()))
         }
         KindConfig::Command(c) => Arc::new(command::CommandJob::new(c.clone())),
-    }
+    })
 }

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::store::{RunRecord, Store};
+use crate::telemetry::metrics::Metrics;
 
 /// Records kept while PostgreSQL is unreachable; at a few hundred bytes each this
 /// bounds the buffer to a few megabytes.
@@ -49,10 +50,16 @@ pub struct Ledger {
 
 impl Ledger {
     /// Starts the writer task.
-    pub fn start(store: Store, capacity: usize) -> Self {
+    pub fn start(store: Store, capacity: usize, metrics: Metrics) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(LedgerStats::default());
-        tokio::spawn(writer(store.clone(), rx, capacity.max(1), stats.clone()));
+        tokio::spawn(writer(
+            store.clone(),
+            rx,
+            capacity.max(1),
+            stats.clone(),
+            metrics,
+        ));
         Self { tx, store, stats }
     }
 
@@ -93,6 +100,7 @@ async fn writer(
     mut rx: mpsc::UnboundedReceiver<Op>,
     capacity: usize,
     stats: Arc<LedgerStats>,
+    metrics: Metrics,
 ) {
     let mut pending: VecDeque<RunRecord> = VecDeque::new();
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
@@ -118,6 +126,7 @@ async fn writer(
             dropped_now += 1;
         }
         if dropped_now > 0 {
+            metrics.ledger_dropped.inc_by(dropped_now);
             let total = stats.dropped.fetch_add(dropped_now, Ordering::Relaxed) + dropped_now;
             if last_drop_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
                 tracing::warn!(
@@ -129,6 +138,7 @@ async fn writer(
             }
         }
         stats.queued.store(pending.len() as u64, Ordering::Relaxed);
+        metrics.ledger_queued.set(pending.len() as i64);
 
         let batch = coalesce(pending.iter().take(BATCH));
         let taken = pending.len().min(BATCH);
@@ -139,6 +149,7 @@ async fn writer(
                     .written
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 stats.queued.store(pending.len() as u64, Ordering::Relaxed);
+                metrics.ledger_queued.set(pending.len() as i64);
                 delay = Duration::from_millis(100);
             }
             Err(e) if is_rejected(&e) => {
@@ -148,6 +159,7 @@ async fn writer(
                     if let Err(e) = store.upsert_runs(std::slice::from_ref(r)).await {
                         tracing::error!(run_id = %r.id, job = %r.job, error = %e, "run record rejected by PostgreSQL; dropped");
                         stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        metrics.ledger_dropped.inc();
                     }
                 }
                 pending.drain(..taken);

@@ -23,6 +23,7 @@ use uuid::Uuid;
 use crate::config::{CatchUp, JobSpec, Overlap};
 use crate::jobs::Job;
 use crate::store::{RunRecord, RunStatus, Trigger};
+use crate::telemetry::metrics::Metrics;
 pub use ledger::Ledger;
 use timer::{Tick, Timer};
 
@@ -167,6 +168,7 @@ impl Slot {
 struct Inner {
     host: String,
     ledger: Ledger,
+    metrics: Metrics,
     timer: Timer,
     slots: RwLock<BTreeMap<String, Arc<Slot>>>,
     tracker: TaskTracker,
@@ -184,12 +186,22 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub async fn new(ledger: Ledger, host: impl Into<String>) -> Result<Self, SchedulerError> {
+        Self::with_metrics(ledger, host, Metrics::default()).await
+    }
+
+    /// A scheduler that records run counts, durations and lag in `metrics`.
+    pub async fn with_metrics(
+        ledger: Ledger,
+        host: impl Into<String>,
+        metrics: Metrics,
+    ) -> Result<Self, SchedulerError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let timer = Timer::new(tx).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 host: host.into(),
                 ledger,
+                metrics,
                 timer,
                 slots: RwLock::new(BTreeMap::new()),
                 tracker: TaskTracker::new(),
@@ -327,6 +339,10 @@ impl Scheduler {
                 tracing::error!("some runs did not stop after cancellation");
             }
         }
+        // Jobs flush what they hold (queued samples) now that no run is left.
+        for slot in inner.slot_list() {
+            slot.job.shutdown().await;
+        }
         match inner.ledger.flush(Duration::from_secs(10)).await {
             Ok(()) => report.ledger_flushed = true,
             Err(e) => tracing::error!(error = %e, "run ledger not fully written at shutdown"),
@@ -460,6 +476,7 @@ impl Inner {
     ) {
         let now = Utc::now();
         tracing::info!(job = %slot.spec.name, run_id = %id, %running, "firing skipped: previous run still going");
+        self.metrics.run_skipped(&slot.spec.name);
         self.ledger.record(RunRecord {
             id,
             job: slot.spec.name.clone(),
@@ -506,6 +523,8 @@ async fn dispatch(inner: Arc<Inner>, mut ticks: mpsc::UnboundedReceiver<Tick>) {
                 () = inner2.stopping.cancelled() => return,
                 () = tokio::time::sleep(wait) => {}
             }
+            let lag = (Utc::now() - tick.due).to_std().unwrap_or(Duration::ZERO);
+            inner2.metrics.lag(&slot.spec.name, lag);
             // A refusal is already recorded and logged by `fire`.
             let _ = inner2.fire(&slot, Trigger::Schedule, tick.due);
         });

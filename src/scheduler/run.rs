@@ -77,8 +77,13 @@ pub(super) async fn govern(
         record.items = ended.items;
         record.error = ended.error.clone();
         inner.ledger.record(record.clone());
-        let duration_ms = (record.finished_at.unwrap_or(record.started_at) - record.started_at)
-            .num_milliseconds();
+        let duration = (record.finished_at.unwrap_or(record.started_at) - record.started_at)
+            .to_std()
+            .unwrap_or_default();
+        let duration_ms = duration.as_millis() as u64;
+        inner
+            .metrics
+            .run_finished(&spec.name, ended.status.as_str(), duration, ended.items);
         span.in_scope(|| match ended.status {
             RunStatus::Succeeded | RunStatus::Skipped => tracing::info!(
                 status = %ended.status, items = ended.items, duration_ms, "run finished"

@@ -1,6 +1,8 @@
 //! The PostgreSQL store: the only module that writes SQL.
 
 pub mod embedded;
+mod metrics;
+pub mod readings;
 mod retention;
 pub mod runs;
 

@@ -1,4 +1,6 @@
-//! Logging: readable text on a terminal, JSON lines otherwise.
+//! Logging (readable text on a terminal, JSON lines otherwise) and vigil's own metrics.
+
+pub mod metrics;
 
 use std::io::IsTerminal as _;
 

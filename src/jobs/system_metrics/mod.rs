@@ -1,0 +1,396 @@
+//! `system_metrics`: samples the host (CPU, memory, disks, network, load, uptime,
+//! processes, vigil itself) into `system_metrics`, one row per sample.
+//!
+//! Sampling never waits on PostgreSQL: a run takes a sample and queues it; a writer
+//! task drains the queue in batches, in order. While PostgreSQL is away samples wait in
+//! a bounded queue (default: one hour of samples); past the bound the oldest are
+//! dropped, counted and logged. `(host, ts)` is the key, so a batch re-sent after an
+//! ambiguous failure cannot duplicate a row.
+
+mod sample;
+mod sampler;
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use tokio::sync::Notify;
+use toml::Spanned;
+
+use super::{Job, JobError, RunContext, RunOutcome};
+use crate::config::Validate;
+use crate::store::Store;
+use crate::telemetry::metrics::{JobLabels, Metrics};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+pub use sample::{SHAPE_VERSION, Sample};
+pub use sampler::{Sampler, counter_delta};
+
+/// What a sample includes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Collect {
+    Cpu,
+    Memory,
+    Disk,
+    Network,
+    Load,
+    Uptime,
+    Processes,
+    #[serde(rename = "self")]
+    Own,
+}
+
+impl Collect {
+    pub const ALL: [Collect; 8] = [
+        Collect::Cpu,
+        Collect::Memory,
+        Collect::Disk,
+        Collect::Network,
+        Collect::Load,
+        Collect::Uptime,
+        Collect::Processes,
+        Collect::Own,
+    ];
+}
+
+/// ```toml
+/// [jobs.settings]
+/// collect = ["cpu", "memory", "disk", "network"]
+/// exclude_mounts = ["/boot/efi"]
+/// host = "web-1"
+/// buffer = 360
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemMetricsConfig {
+    #[serde(default = "all_sections")]
+    pub collect: Vec<Collect>,
+    /// Mount points to leave out; `*` matches any run of characters.
+    #[serde(default = "default_exclude_mounts")]
+    pub exclude_mounts: Vec<String>,
+    #[serde(default = "default_exclude_fs_types")]
+    pub exclude_fs_types: Vec<String>,
+    #[serde(default = "default_exclude_interfaces")]
+    pub exclude_interfaces: Vec<String>,
+    /// The `host` column; default: the runner's host name.
+    pub host: Option<String>,
+    /// Samples kept while PostgreSQL is unreachable; default: one hour at the job's interval.
+    pub buffer: Option<Spanned<u32>>,
+}
+
+impl Default for SystemMetricsConfig {
+    fn default() -> Self {
+        Self {
+            collect: all_sections(),
+            exclude_mounts: default_exclude_mounts(),
+            exclude_fs_types: default_exclude_fs_types(),
+            exclude_interfaces: default_exclude_interfaces(),
+            host: None,
+            buffer: None,
+        }
+    }
+}
+
+fn all_sections() -> Vec<Collect> {
+    Collect::ALL.to_vec()
+}
+
+/// Container and runtime mounts: they describe containers, not the host's disks.
+fn default_exclude_mounts() -> Vec<String> {
+    [
+        "/var/lib/docker/*",
+        "/var/lib/containers/*",
+        "/run/*",
+        "/snap/*",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Memory-backed and overlay file systems: no disk behind them.
+fn default_exclude_fs_types() -> Vec<String> {
+    [
+        "tmpfs",
+        "overlay",
+        "squashfs",
+        "devtmpfs",
+        "ramfs",
+        "nsfs",
+        "autofs",
+        "fuse.lxcfs",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Loopback and the per-container virtual ends (Docker veth, Calico, Cilium).
+fn default_exclude_interfaces() -> Vec<String> {
+    ["lo", "veth*", "cali*", "lxc*"].map(String::from).to_vec()
+}
+
+/// Bounds on the sample queue.
+const MIN_BUFFER: u32 = 10;
+const MAX_BUFFER: u32 = 1_000_000;
+/// Rows per INSERT.
+const WRITE_BATCH: usize = 500;
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+
+impl Validate for SystemMetricsConfig {
+    fn validate(&self) -> Vec<(Option<Range<usize>>, String)> {
+        let mut problems = Vec::new();
+        if let Some(b) = &self.buffer
+            && !(MIN_BUFFER..=MAX_BUFFER).contains(b.get_ref())
+        {
+            problems.push((
+                Some(b.span()),
+                format!(
+                    "`buffer` must be between {MIN_BUFFER} and {MAX_BUFFER} samples, found {}",
+                    b.get_ref()
+                ),
+            ));
+        }
+        if self.collect.is_empty() {
+            problems.push((None, "`collect` must name at least one section".into()));
+        }
+        if let Some(h) = &self.host
+            && h.trim().is_empty()
+        {
+            problems.push((None, "`host` must not be empty".into()));
+        }
+        problems
+    }
+}
+
+/// A sample waiting to be written; `seq` tells written entries from ones pushed (or
+/// dropped) while a write was in flight.
+#[derive(Clone)]
+struct Pending {
+    seq: u64,
+    ts: DateTime<Utc>,
+    metrics: String,
+}
+
+/// Samples waiting for PostgreSQL, oldest first.
+pub struct SampleQueue {
+    queue: Mutex<VecDeque<Pending>>,
+    next_seq: AtomicU64,
+    capacity: usize,
+    notify: Notify,
+    closed: AtomicBool,
+    dropped: AtomicU64,
+    written: AtomicU64,
+    last_drop_log: Mutex<Option<std::time::Instant>>,
+    buffered_gauge: Gauge,
+    dropped_counter: Counter,
+}
+
+impl SampleQueue {
+    fn new(capacity: usize, buffered_gauge: Gauge, dropped_counter: Counter) -> Self {
+        Self {
+            buffered_gauge,
+            dropped_counter,
+            queue: Mutex::new(VecDeque::new()),
+            next_seq: AtomicU64::new(0),
+            capacity,
+            notify: Notify::new(),
+            closed: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            last_drop_log: Mutex::new(None),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Pending>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, ts: DateTime<Utc>, metrics: String) {
+        let dropped = {
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            let mut q = self.lock();
+            q.push_back(Pending { seq, ts, metrics });
+            let mut dropped = 0;
+            while q.len() > self.capacity {
+                q.pop_front();
+                dropped += 1;
+            }
+            self.buffered_gauge.set(q.len() as i64);
+            dropped
+        };
+        if dropped > 0 {
+            self.dropped_counter.inc_by(dropped);
+            let total = self.dropped.fetch_add(dropped, Ordering::Relaxed) + dropped;
+            let mut last = self.last_drop_log.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                tracing::warn!(
+                    dropped_total = total,
+                    capacity = self.capacity,
+                    "sample buffer full while PostgreSQL is unreachable; dropping the oldest samples"
+                );
+                *last = Some(std::time::Instant::now());
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+}
+
+pub struct SystemMetrics {
+    sampler: Arc<Mutex<Sampler>>,
+    queue: Arc<SampleQueue>,
+    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// How long shutdown waits for queued samples to reach PostgreSQL.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+
+impl SystemMetrics {
+    /// Starts the writer task; `interval` sizes the default buffer (one hour of samples).
+    pub fn new(
+        job: &str,
+        config: &SystemMetricsConfig,
+        store: Store,
+        runner_host: &str,
+        interval: Option<Duration>,
+        metrics: &Metrics,
+    ) -> Result<Self, JobError> {
+        let sampler = Sampler::new(config).map_err(|e| JobError::Failed(e.to_string()))?;
+        let capacity = match &config.buffer {
+            Some(b) => *b.get_ref(),
+            None => {
+                let per_hour = interval
+                    .filter(|i| !i.is_zero())
+                    .map_or(360, |i| (3600.0 / i.as_secs_f64()).ceil() as u32);
+                per_hour.clamp(MIN_BUFFER, MAX_BUFFER)
+            }
+        } as usize;
+        let labels = JobLabels {
+            job: job.to_owned(),
+        };
+        let queue = Arc::new(SampleQueue::new(
+            capacity,
+            metrics.samples_buffered.get_or_create_owned(&labels),
+            metrics.samples_dropped.get_or_create_owned(&labels),
+        ));
+        let host = config
+            .host
+            .clone()
+            .unwrap_or_else(|| runner_host.to_owned());
+        let writer = tokio::spawn(write_loop(store, host, queue.clone()));
+        Ok(Self {
+            sampler: Arc::new(Mutex::new(sampler)),
+            queue,
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    pub fn queue(&self) -> &Arc<SampleQueue> {
+        &self.queue
+    }
+}
+
+#[async_trait::async_trait]
+impl Job for SystemMetrics {
+    async fn run(&self, _ctx: RunContext) -> Result<RunOutcome, JobError> {
+        let sampler = self.sampler.clone();
+        // Reading /proc and /sys blocks; keep it off the async worker threads.
+        let (ts, sample) = tokio::task::spawn_blocking(move || {
+            let mut s = sampler.lock().unwrap_or_else(|p| p.into_inner());
+            let sample = s.sample();
+            (Utc::now(), sample)
+        })
+        .await
+        .map_err(|e| JobError::Failed(format!("sampling: {e}")))?;
+        let metrics = serde_json::to_string(&sample)
+            .map_err(|e| JobError::Failed(format!("encoding the sample: {e}")))?;
+        self.queue.push(ts, metrics);
+        Ok(RunOutcome::Completed { items: Some(1) })
+    }
+
+    /// Writes what is queued, waiting at most [`SHUTDOWN_FLUSH`].
+    async fn shutdown(&self) {
+        self.queue.closed.store(true, Ordering::Release);
+        self.queue.notify.notify_one();
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(writer) = writer {
+            let abort = writer.abort_handle();
+            if tokio::time::timeout(SHUTDOWN_FLUSH, writer).await.is_err() {
+                abort.abort();
+                tracing::error!(
+                    lost = self.queue.len(),
+                    "samples not written before shutdown"
+                );
+            }
+        }
+    }
+}
+
+impl Drop for SystemMetrics {
+    fn drop(&mut self) {
+        if let Some(w) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            w.abort();
+        }
+    }
+}
+
+async fn write_loop(store: Store, host: String, queue: Arc<SampleQueue>) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let batch: Vec<Pending> = queue.lock().iter().take(WRITE_BATCH).cloned().collect();
+        if batch.is_empty() {
+            if queue.closed.load(Ordering::Acquire) {
+                return;
+            }
+            queue.notify.notified().await;
+            continue;
+        }
+        let rows: Vec<(DateTime<Utc>, &str)> =
+            batch.iter().map(|p| (p.ts, p.metrics.as_str())).collect();
+        match store.insert_samples(&host, &rows).await {
+            Ok(()) => {
+                let last = batch.last().map_or(0, |p| p.seq);
+                let mut q = queue.lock();
+                // Entries dropped for room while the write was in flight are gone
+                // already; remove exactly what was written.
+                while q.front().is_some_and(|p| p.seq <= last) {
+                    q.pop_front();
+                }
+                queue.buffered_gauge.set(q.len() as i64);
+                drop(q);
+                queue
+                    .written
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                delay = Duration::from_millis(100);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, queued = queue.len(), retry_in = ?delay, "cannot write samples; they stay queued");
+                if queue.closed.load(Ordering::Acquire) {
+                    tracing::error!(lost = queue.len(), "shutting down with samples not written");
+                    return;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(MAX_RETRY_DELAY);
+            }
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! Reads the host with sysinfo, keeping one `System` (and disk and network lists) alive
+//! between samples so CPU usage and every rate cover exactly the time since the
+//! previous sample.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Instant;
+
+use sysinfo::{
+    CpuRefreshKind, DiskRefreshKind, Disks, MINIMUM_CPU_UPDATE_INTERVAL, Networks, Pid,
+    ProcessRefreshKind, ProcessesToUpdate, System,
+};
+use wildmatch::WildMatch;
+
+use super::sample::{
+    Cpu, Disk, Interface, Load, Memory, Network, OwnProcess, SHAPE_VERSION, Sample, Traffic, round2,
+};
+use super::{Collect, SystemMetricsConfig};
+
+/// Which mounts and interfaces to leave out.
+#[derive(Debug, Clone)]
+pub struct Filters {
+    mounts: Vec<WildMatch>,
+    fs_types: Vec<WildMatch>,
+    interfaces: Vec<WildMatch>,
+}
+
+impl Filters {
+    pub fn new(config: &SystemMetricsConfig) -> Self {
+        let compile = |v: &[String]| v.iter().map(|p| WildMatch::new(p)).collect();
+        Self {
+            mounts: compile(&config.exclude_mounts),
+            fs_types: compile(&config.exclude_fs_types),
+            interfaces: compile(&config.exclude_interfaces),
+        }
+    }
+
+    fn keeps_disk(&self, mount: &str, fs: &str) -> bool {
+        !self.mounts.iter().any(|m| m.matches(mount))
+            && !self.fs_types.iter().any(|m| m.matches(fs))
+    }
+
+    fn keeps_interface(&self, name: &str) -> bool {
+        !self.interfaces.iter().any(|m| m.matches(name))
+    }
+}
+
+/// Cumulative counters from the previous sample.
+#[derive(Debug, Default)]
+struct Previous {
+    disks: HashMap<(String, String), (u64, u64)>,
+    interfaces: HashMap<String, [u64; 6]>,
+    own_cpu_ms: Option<u64>,
+}
+
+pub struct Sampler {
+    collect: BTreeSet<Collect>,
+    filters: Filters,
+    system: System,
+    disks: Disks,
+    networks: Networks,
+    pid: Option<Pid>,
+    last_at: Instant,
+    previous: Previous,
+    min_cpu_interval: std::time::Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read host metrics: {0}")]
+pub struct SamplerError(String);
+
+/// The counter's growth since `prev`; a counter that went backwards was reset (an
+/// interface re-created, a disk re-attached) and counts from zero again.
+pub fn counter_delta(prev: u64, now: u64) -> u64 {
+    if now >= prev { now - prev } else { now }
+}
+
+impl Sampler {
+    /// Takes the baseline the first sample is measured against.
+    pub fn new(config: &SystemMetricsConfig) -> Result<Self, SamplerError> {
+        let system = System::new().map_err(|e| SamplerError(e.to_string()))?;
+        let disks = Disks::new().map_err(|e| SamplerError(e.to_string()))?;
+        let networks = Networks::new().map_err(|e| SamplerError(e.to_string()))?;
+        let mut me = Self {
+            collect: config.collect.iter().copied().collect(),
+            filters: Filters::new(config),
+            system,
+            disks,
+            networks,
+            pid: sysinfo::get_current_pid().ok(),
+            // Pretend the minimum interval has passed: this baseline is discarded, and
+            // start-up should not wait for it.
+            last_at: Instant::now()
+                .checked_sub(MINIMUM_CPU_UPDATE_INTERVAL)
+                .unwrap_or_else(Instant::now),
+            previous: Previous::default(),
+            min_cpu_interval: MINIMUM_CPU_UPDATE_INTERVAL,
+        };
+        me.sample();
+        Ok(me)
+    }
+
+    fn wants(&self, c: Collect) -> bool {
+        self.collect.contains(&c)
+    }
+
+    /// Reads the host. Blocking (it reads /proc and /sys); run it off the async threads.
+    pub fn sample(&mut self) -> Sample {
+        // CPU usage is the busy share between two refreshes; closer than sysinfo's
+        // minimum they are meaningless, so wait out the remainder.
+        let since = self.last_at.elapsed();
+        if self.wants(Collect::Cpu) && since < self.min_cpu_interval {
+            std::thread::sleep(self.min_cpu_interval - since);
+        }
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last_at).as_secs_f64();
+        self.last_at = now;
+        let per_s = |n: u64| round2(n as f64 / elapsed);
+
+        let cpu = self.wants(Collect::Cpu).then(|| {
+            self.system
+                .refresh_cpu_specifics(CpuRefreshKind::nothing().with_usage().with_frequency());
+            let cpus = self.system.cpus();
+            let freqs: Vec<u64> = cpus
+                .iter()
+                .map(|c| c.frequency())
+                .filter(|f| *f > 0)
+                .collect();
+            Cpu {
+                usage_pct: round2(f64::from(self.system.global_cpu_usage()).clamp(0.0, 100.0)),
+                per_core_pct: cpus
+                    .iter()
+                    .map(|c| round2(f64::from(c.usage()).clamp(0.0, 100.0)))
+                    .collect(),
+                cores: cpus.len(),
+                frequency_mhz: (!freqs.is_empty())
+                    .then(|| freqs.iter().sum::<u64>() / freqs.len() as u64),
+                cgroup_limit_cores: cgroup_cpu_limit(),
+            }
+        });
+
+        let memory = self.wants(Collect::Memory).then(|| {
+            self.system.refresh_memory();
+            let total = self.system.total_memory();
+            let available = self.system.available_memory();
+            let used = total.saturating_sub(available);
+            Memory {
+                total_bytes: total,
+                used_bytes: used,
+                available_bytes: available,
+                used_pct: pct(used, total),
+                swap_total_bytes: self.system.total_swap(),
+                swap_used_bytes: self.system.used_swap(),
+                cgroup_limit_bytes: self
+                    .system
+                    .cgroup_limits()
+                    .map(|l| l.total_memory)
+                    .filter(|&l| l > 0 && l < total),
+            }
+        });
+
+        let disks = self.wants(Collect::Disk).then(|| {
+            self.disks
+                .refresh_specifics(true, DiskRefreshKind::everything());
+            let mut seen = HashMap::new();
+            let mut out = Vec::new();
+            for d in self.disks.iter() {
+                let mount = d.mount_point().to_string_lossy().into_owned();
+                let fs = d.file_system().to_string_lossy().into_owned();
+                if !self.filters.keeps_disk(&mount, &fs) {
+                    continue;
+                }
+                let device = d.name().to_string_lossy().into_owned();
+                let total = d.total_space();
+                let available = d.available_space();
+                let usage = d.usage();
+                let key = (mount.clone(), device.clone());
+                let now_counts = (usage.total_read_bytes, usage.total_written_bytes);
+                let delta = self.previous.disks.get(&key).map(|&(r, w)| {
+                    (
+                        counter_delta(r, now_counts.0),
+                        counter_delta(w, now_counts.1),
+                    )
+                });
+                seen.insert(key, now_counts);
+                out.push(Disk {
+                    mount,
+                    device,
+                    fs,
+                    total_bytes: total,
+                    available_bytes: available,
+                    used_pct: pct(total.saturating_sub(available), total),
+                    read_bytes: delta.map(|d| d.0),
+                    written_bytes: delta.map(|d| d.1),
+                    read_bytes_per_s: delta.map(|d| per_s(d.0)),
+                    written_bytes_per_s: delta.map(|d| per_s(d.1)),
+                });
+            }
+            self.previous.disks = seen;
+            out.sort_by(|a, b| a.mount.cmp(&b.mount));
+            out
+        });
+
+        let network = self.wants(Collect::Network).then(|| {
+            self.networks.refresh(true);
+            let mut seen = HashMap::new();
+            let mut interfaces = Vec::new();
+            let mut total = Traffic::default();
+            for (name, data) in self.networks.iter() {
+                let name = name.to_string_lossy().into_owned();
+                if !self.filters.keeps_interface(&name) {
+                    continue;
+                }
+                let counts = [
+                    data.total_received(),
+                    data.total_transmitted(),
+                    data.total_packets_received(),
+                    data.total_packets_transmitted(),
+                    data.total_errors_on_received(),
+                    data.total_errors_on_transmitted(),
+                ];
+                let traffic = self.previous.interfaces.get(&name).map(|prev| {
+                    let d: Vec<u64> = prev
+                        .iter()
+                        .zip(counts)
+                        .map(|(&p, n)| counter_delta(p, n))
+                        .collect();
+                    Traffic {
+                        rx_bytes: d[0],
+                        tx_bytes: d[1],
+                        rx_packets: d[2],
+                        tx_packets: d[3],
+                        rx_errors: d[4],
+                        tx_errors: d[5],
+                        rx_bytes_per_s: per_s(d[0]),
+                        tx_bytes_per_s: per_s(d[1]),
+                        rx_packets_per_s: per_s(d[2]),
+                        tx_packets_per_s: per_s(d[3]),
+                        rx_errors_per_s: per_s(d[4]),
+                        tx_errors_per_s: per_s(d[5]),
+                    }
+                });
+                if let Some(t) = &traffic {
+                    total.rx_bytes += t.rx_bytes;
+                    total.tx_bytes += t.tx_bytes;
+                    total.rx_packets += t.rx_packets;
+                    total.tx_packets += t.tx_packets;
+                    total.rx_errors += t.rx_errors;
+                    total.tx_errors += t.tx_errors;
+                }
+                seen.insert(name.clone(), counts);
+                interfaces.push(Interface { name, traffic });
+            }
+            total.rx_bytes_per_s = per_s(total.rx_bytes);
+            total.tx_bytes_per_s = per_s(total.tx_bytes);
+            total.rx_packets_per_s = per_s(total.rx_packets);
+            total.tx_packets_per_s = per_s(total.tx_packets);
+            total.rx_errors_per_s = per_s(total.rx_errors);
+            total.tx_errors_per_s = per_s(total.tx_errors);
+            self.previous.interfaces = seen;
+            interfaces.sort_by(|a, b| a.name.cmp(&b.name));
+            Network { interfaces, total }
+        });
+
+        let load = self.wants(Collect::Load).then(|| {
+            let l = System::load_average().unwrap_or(sysinfo::LoadAvg {
+                one: 0.0,
+                five: 0.0,
+                fifteen: 0.0,
+            });
+            Load {
+                one: l.one,
+                five: l.five,
+                fifteen: l.fifteen,
+            }
+        });
+
+        let uptime_s = self
+            .wants(Collect::Uptime)
+            .then(|| System::uptime().unwrap_or(0));
+        let processes = self.wants(Collect::Processes).then(count_processes);
+
+        let own = self
+            .wants(Collect::Own)
+            .then(|| self.own_process(elapsed))
+            .flatten();
+
+        Sample {
+            v: SHAPE_VERSION,
+            // Microseconds: it is the rates' denominator, exact enough to recompute them.
+            interval_s: (elapsed * 1e6).round() / 1e6,
+            cpu,
+            memory,
+            disks,
+            network,
+            load,
+            uptime_s,
+            processes,
+            own,
+        }
+    }
+
+    /// Lowers the wait between CPU readings. Only for measuring the cost of a sample:
+    /// below sysinfo's minimum the CPU figures are meaningless.
+    pub fn set_min_cpu_interval_for_benchmarks(&mut self, interval: std::time::Duration) {
+        self.min_cpu_interval = interval;
+    }
+
+    fn own_process(&mut self, elapsed: f64) -> Option<OwnProcess> {
+        let pid = self.pid?;
+        self.system.refresh_processes_specifics(
+            ProcessesToUpdate::Some(&[pid]),
+            false,
+            ProcessRefreshKind::nothing().with_cpu().with_memory(),
+        );
+        let p = self.system.process(pid)?;
+        let cpu_ms = p.accumulated_cpu_time();
+        let used = self
+            .previous
+            .own_cpu_ms
+            .map_or(0, |prev| counter_delta(prev, cpu_ms));
+        self.previous.own_cpu_ms = Some(cpu_ms);
+        Some(OwnProcess {
+            cpu_pct: round2(used as f64 / 1000.0 / elapsed * 100.0),
+            rss_bytes: p.memory(),
+        })
+    }
+}
+
+fn pct(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        round2(part as f64 / whole as f64 * 100.0)
+    }
+}
+
+/// Processes on the host: the numeric entries of /proc (a directory listing, far
+/// cheaper than reading every process).
+fn count_processes() -> u64 {
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_str()
+                        .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                })
+                .count() as u64
+        })
+        .unwrap_or(0)
+}
+
+/// The CPU quota of the cgroup vigil sees as its root (a container's own), in cores.
+fn cgroup_cpu_limit() -> Option<f64> {
+    // cgroup v2: "max 100000" or "<quota> <period>".
+    if let Ok(s) = std::fs::read_to_string("/sys/fs/cgroup/cpu.max") {
+        let mut parts = s.split_whitespace();
+        let quota = parts.next()?.parse::<f64>().ok()?;
+        let period = parts.next()?.parse::<f64>().ok()?;
+        return (period > 0.0).then(|| round2(quota / period));
+    }
+    // cgroup v1: quota -1 means unlimited.
+    for dir in ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"] {
+        let quota = std::fs::read_to_string(format!("{dir}/cpu.cfs_quota_us"));
+        let period = std::fs::read_to_string(format!("{dir}/cpu.cfs_period_us"));
+        if let (Ok(q), Ok(p)) = (quota, period) {
+            let q: f64 = q.trim().parse().ok()?;
+            let p: f64 = p.trim().parse().ok()?;
+            return (q > 0.0 && p > 0.0).then(|| round2(q / p));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_counter_that_goes_backwards_counts_from_zero_never_negative() {
+        assert_eq!(counter_delta(100, 150), 50);
+        assert_eq!(counter_delta(100, 100), 0);
+        // Interface re-created: the kernel counter restarted at 0 and is now 30.
+        assert_eq!(counter_delta(1_000_000, 30), 30);
+    }
+
+    #[test]
+    fn filters_match_wildcards() {
+        let config = SystemMetricsConfig::default();
+        let f = Filters::new(&config);
+        assert!(!f.keeps_interface("lo"));
+        assert!(!f.keeps_interface("veth12ab"));
+        assert!(f.keeps_interface("eth0"));
+        assert!(!f.keeps_disk("/run/user/0", "tmpfs"));
+        assert!(!f.keeps_disk("/var/lib/docker/overlay2/x/merged", "overlay"));
+        assert!(f.keeps_disk("/", "ext4"));
+    }
+}

@@ -1,0 +1,258 @@
+//! vigil's own metrics, served by the gateway at `/metrics` in the Prometheus
+//! (OpenMetrics) text format. Names follow `vigil_<noun>_<unit>`; counters end `_total`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabels {
+    pub job: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobStatusLabels {
+    pub job: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub method: String,
+    /// The route template (`/api/jobs/{name}`), never the raw path: bounded cardinality.
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Run durations: 1 ms to about 1.2 hours.
+fn run_duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 4.0, 12))
+}
+
+/// Scheduler lag: 1 ms to about 16 s.
+fn lag_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// HTTP latency: 100 µs to about 1.6 s.
+fn http_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 15))
+}
+
+pub struct Inner {
+    registry: Registry,
+    pub runs: Family<JobStatusLabels, Counter>,
+    pub run_duration: HistogramFamily<JobLabels>,
+    pub run_items: Family<JobLabels, Counter>,
+    pub scheduler_lag: HistogramFamily<JobLabels>,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_duration: HistogramFamily<RouteLabels>,
+    pub samples_buffered: Family<JobLabels, Gauge>,
+    pub samples_dropped: Family<JobLabels, Counter>,
+    pub ledger_queued: Gauge,
+    pub ledger_dropped: Counter,
+    pub loki_dropped: Counter,
+}
+
+/// The registry and every metric in it. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+impl std::ops::Deref for Metrics {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("vigil");
+        let runs = Family::<JobStatusLabels, Counter>::default();
+        registry.register(
+            "runs",
+            "Job run attempts finished, and firings skipped, by job and status",
+            runs.clone(),
+        );
+        let run_duration: HistogramFamily<JobLabels> =
+            Family::new_with_constructor(run_duration_histogram);
+        registry.register(
+            "run_duration_seconds",
+            "Duration of job run attempts",
+            run_duration.clone(),
+        );
+        let run_items = Family::<JobLabels, Counter>::default();
+        registry.register(
+            "run_items",
+            "Items reported by successful runs (rows, documents, samples)",
+            run_items.clone(),
+        );
+        let scheduler_lag: HistogramFamily<JobLabels> = Family::new_with_constructor(lag_histogram);
+        registry.register(
+            "scheduler_lag_seconds",
+            "Delay between a firing's scheduled time and its run's start",
+            scheduler_lag.clone(),
+        );
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests answered by the gateway",
+            http_requests.clone(),
+        );
+        let http_duration: HistogramFamily<RouteLabels> =
+            Family::new_with_constructor(http_histogram);
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer gateway requests",
+            http_duration.clone(),
+        );
+        let samples_buffered = Family::<JobLabels, Gauge>::default();
+        registry.register(
+            "metrics_samples_buffered",
+            "Host samples waiting to be written to PostgreSQL",
+            samples_buffered.clone(),
+        );
+        let samples_dropped = Family::<JobLabels, Counter>::default();
+        registry.register(
+            "metrics_samples_dropped",
+            "Host samples dropped because the buffer was full",
+            samples_dropped.clone(),
+        );
+        let ledger_queued = Gauge::default();
+        registry.register(
+            "ledger_queued_records",
+            "Run records waiting to be written",
+            ledger_queued.clone(),
+        );
+        let ledger_dropped = Counter::default();
+        registry.register(
+            "ledger_dropped_records",
+            "Run records dropped because the ledger buffer was full or PostgreSQL refused them",
+            ledger_dropped.clone(),
+        );
+        let loki_dropped = Counter::default();
+        registry.register(
+            "loki_dropped",
+            "Log events that could not be delivered to Loki",
+            loki_dropped.clone(),
+        );
+        Self(Arc::new(Inner {
+            registry,
+            runs,
+            run_duration,
+            run_items,
+            scheduler_lag,
+            http_requests,
+            http_duration,
+            samples_buffered,
+            samples_dropped,
+            ledger_queued,
+            ledger_dropped,
+            loki_dropped,
+        }))
+    }
+
+    /// The OpenMetrics text exposition of everything.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn run_finished(&self, job: &str, status: &str, duration: Duration, items: Option<i64>) {
+        self.runs
+            .get_or_create(&JobStatusLabels {
+                job: job.to_owned(),
+                status: status.to_owned(),
+            })
+            .inc();
+        let labels = JobLabels {
+            job: job.to_owned(),
+        };
+        self.run_duration
+            .get_or_create(&labels)
+            .observe(duration.as_secs_f64());
+        if let Some(n) = items.and_then(|n| u64::try_from(n).ok()) {
+            self.run_items.get_or_create(&labels).inc_by(n);
+        }
+    }
+
+    pub fn run_skipped(&self, job: &str) {
+        self.runs
+            .get_or_create(&JobStatusLabels {
+                job: job.to_owned(),
+                status: "skipped".to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn lag(&self, job: &str, lag: Duration) {
+        self.scheduler_lag
+            .get_or_create(&JobLabels {
+                job: job.to_owned(),
+            })
+            .observe(lag.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_and_lag_are_exposed_with_prometheus_names() {
+        let m = Metrics::new();
+        m.run_finished("prune", "succeeded", Duration::from_millis(20), Some(5));
+        m.run_skipped("prune");
+        m.lag("prune", Duration::from_millis(3));
+        let text = m.encode();
+        assert!(
+            text.contains("vigil_runs_total{job=\"prune\",status=\"succeeded\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vigil_runs_total{job=\"prune\",status=\"skipped\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vigil_run_items_total{job=\"prune\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vigil_run_duration_seconds_count{job=\"prune\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vigil_scheduler_lag_seconds_bucket"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE vigil_loki_dropped counter"), "{text}");
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,350 @@
+//! The `system_metrics` job on this machine, into real PostgreSQL.
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use common::{TestDb, eventually};
+use serde_json::Value;
+use vigil::config::{self, JobSpec};
+use vigil::jobs::{self, Deps, RunContext};
+use vigil::scheduler::{Ledger, Scheduler, ledger};
+use vigil::store::embedded::{self, EmbeddedPostgres};
+use vigil::store::{Store, Target};
+
+fn spec(every: &str, settings: &str) -> JobSpec {
+    let text = format!(
+        "[[jobs]]\nname = \"host\"\nkind = \"system_metrics\"\nevery = \"{every}\"\n[jobs.settings]\n{settings}\n"
+    );
+    config::parse_jobs(Path::new("t.toml"), &text)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .jobs
+        .remove(0)
+}
+
+fn ctx() -> RunContext {
+    RunContext {
+        job: "host".into(),
+        run_id: uuid::Uuid::now_v7(),
+        deadline: tokio::time::Instant::now() + Duration::from_secs(60),
+    }
+}
+
+async fn samples(store: &Store) -> Vec<(DateTime<Utc>, Value)> {
+    sqlx::query_as::<_, (DateTime<Utc>, Value)>(
+        "SELECT ts, metrics FROM system_metrics ORDER BY ts",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sample_read_back_from_postgres_is_sane() {
+    let db = TestDb::new().await;
+    let job = jobs::build(
+        &spec("10s", "host = \"test-host\""),
+        &Deps {
+            store: db.store.clone(),
+            host: "runner".into(),
+            metrics: Default::default(),
+        },
+    )
+    .unwrap();
+    job.run(ctx()).await.unwrap();
+    job.run(ctx()).await.unwrap();
+    let rows = eventually(Duration::from_secs(10), "two samples", || async {
+        let rows = samples(&db.store).await;
+        (rows.len() == 2).then_some(rows)
+    })
+    .await;
+    let host: String = sqlx::query_scalar("SELECT DISTINCT host FROM system_metrics")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(host, "test-host");
+
+    for (_, m) in &rows {
+        assert_eq!(m["v"], 1);
+        let cpu = m["cpu"]["usage_pct"].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&cpu), "{cpu}");
+        for core in m["cpu"]["per_core_pct"].as_array().unwrap() {
+            assert!((0.0..=100.0).contains(&core.as_f64().unwrap()));
+        }
+        assert!(m["cpu"]["cores"].as_u64().unwrap() >= 1);
+
+        let mem = &m["memory"];
+        assert!(mem["used_bytes"].as_u64().unwrap() <= mem["total_bytes"].as_u64().unwrap());
+        assert!(mem["available_bytes"].as_u64().unwrap() <= mem["total_bytes"].as_u64().unwrap());
+        assert!(mem["total_bytes"].as_u64().unwrap() > 0);
+
+        let disks = m["disks"].as_array().unwrap();
+        assert!(!disks.is_empty(), "at least one disk: {m}");
+        for d in disks {
+            assert!(d["available_bytes"].as_u64().unwrap() <= d["total_bytes"].as_u64().unwrap());
+            let used = d["used_pct"].as_f64().unwrap();
+            assert!((0.0..=100.0).contains(&used));
+            assert_ne!(d["fs"], "tmpfs", "tmpfs excluded by default");
+        }
+
+        let ifaces = m["network"]["interfaces"].as_array().unwrap();
+        assert!(!ifaces.is_empty(), "at least one interface: {m}");
+        assert!(
+            ifaces.iter().all(|i| i["name"] != "lo"),
+            "loopback excluded by default"
+        );
+
+        assert!(m["load"]["1m"].as_f64().unwrap() >= 0.0);
+        assert!(m["uptime_s"].as_u64().unwrap() > 0);
+        assert!(m["processes"].as_u64().unwrap() > 1);
+        assert!(m["self"]["rss_bytes"].as_u64().unwrap() > 1_000_000);
+    }
+    // The first sample already has real CPU and rates: it is measured from the baseline
+    // taken when the job was built, never the 0 % of a first refresh.
+    let first = &rows[0].1;
+    assert!(first["interval_s"].as_f64().unwrap() >= 0.2, "{first}");
+    assert!(
+        first["network"]["interfaces"][0]["rx_bytes"].is_u64(),
+        "{first}"
+    );
+
+    // The typed columns dashboards read are filled from the JSON.
+    let (cpu, mem): (Option<f32>, Option<f32>) =
+        sqlx::query_as("SELECT cpu_pct, mem_pct FROM system_metrics ORDER BY ts DESC LIMIT 1")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert!(cpu.is_some() && mem.is_some());
+
+    // And folded into the per-minute rollup, each sample once.
+    let (samples, cpu_n, cpu_sum, raw_sum): (i64, i64, f64, f64) = sqlx::query_as(
+        "SELECT sum(samples)::bigint, sum(cpu_n)::bigint, sum(cpu_sum),
+                (SELECT sum(cpu_pct::float8) FROM system_metrics)
+         FROM system_metrics_1m",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!((samples, cpu_n), (2, 2));
+    assert!((cpu_sum - raw_sum).abs() < 1e-6);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sample_written_twice_is_stored_and_counted_once() {
+    let db = TestDb::new().await;
+    let ts = Utc::now();
+    let m = r#"{"v":1,"interval_s":10,"cpu":{"usage_pct":40.0},"memory":{"used_pct":50.0}}"#;
+    let m2 = r#"{"v":1,"interval_s":10,"cpu":{"usage_pct":60.0},"memory":{"used_pct":70.0}}"#;
+    let later = ts + chrono::Duration::seconds(10);
+    db.store.insert_samples("h", &[(ts, m)]).await.unwrap();
+    // A batch re-sent after a reconnect, plus one new sample.
+    db.store
+        .insert_samples("h", &[(ts, m), (later, m2)])
+        .await
+        .unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM system_metrics")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, 2);
+    let (samples, cpu_sum, mem_max): (i64, f64, f32) = sqlx::query_as(
+        "SELECT sum(samples)::bigint, sum(cpu_sum), max(mem_max) FROM system_metrics_1m",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(samples, 2);
+    assert!((cpu_sum - 100.0).abs() < 1e-6, "{cpu_sum}");
+    assert!((mem_max - 70.0).abs() < 1e-6);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bytes_sent_over_loopback_show_up_in_its_rates() {
+    let db = TestDb::new().await;
+    let job = jobs::build(
+        &spec("10s", "exclude_interfaces = []\ncollect = [\"network\"]"),
+        &Deps {
+            store: db.store.clone(),
+            host: "h".into(),
+            metrics: Default::default(),
+        },
+    )
+    .unwrap();
+    job.run(ctx()).await.unwrap();
+
+    const SENT: usize = 8 * 1024 * 1024;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0;
+        while got < SENT {
+            got += s.read(&mut buf).unwrap();
+        }
+        got
+    });
+    let mut out = std::net::TcpStream::connect(addr).unwrap();
+    out.write_all(&vec![7u8; SENT]).unwrap();
+    assert_eq!(reader.join().unwrap(), SENT);
+
+    job.run(ctx()).await.unwrap();
+    let rows = eventually(Duration::from_secs(10), "two samples", || async {
+        let rows = samples(&db.store).await;
+        (rows.len() == 2).then_some(rows)
+    })
+    .await;
+    let m = &rows[1].1;
+    let lo = m["network"]["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "lo")
+        .unwrap_or_else(|| panic!("lo included: {m}"));
+    let rx = lo["rx_bytes"].as_u64().unwrap();
+    let tx = lo["tx_bytes"].as_u64().unwrap();
+    assert!(rx >= SENT as u64 && tx >= SENT as u64, "lo rx {rx} tx {tx}");
+    let interval = m["interval_s"].as_f64().unwrap();
+    let rate = lo["rx_bytes_per_s"].as_f64().unwrap();
+    assert!(
+        (rate - rx as f64 / interval).abs() / rate < 0.02,
+        "rate {rate} = {rx} / {interval}"
+    );
+    assert!(m["network"]["total"]["rx_bytes"].as_u64().unwrap() >= rx);
+    assert!(
+        m.get("cpu").is_none(),
+        "only the collected sections are stored"
+    );
+}
+
+/// An embedded cluster of this test's own, which it can stop and start.
+fn own_cluster(dir: &Path) -> EmbeddedPostgres {
+    EmbeddedPostgres::start(dir, None).expect("start a throwaway PostgreSQL")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn samples_taken_while_postgres_is_down_are_written_in_order_when_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = dir.path().join("pg");
+    let pg = tokio::task::spawn_blocking({
+        let data = data.clone();
+        move || own_cluster(&data)
+    })
+    .await
+    .unwrap();
+    vigil::store::ensure_database(&pg.connect_options("postgres"), embedded::DATABASE)
+        .await
+        .unwrap();
+    let target = Target {
+        options: pg.connect_options(embedded::DATABASE),
+        display: pg.describe(),
+    };
+    let store = Store::connect(&target, 5, Duration::from_secs(10))
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+
+    let spec = spec("1s", "collect = [\"cpu\", \"memory\"]");
+    let job = jobs::build(
+        &spec,
+        &Deps {
+            store: store.clone(),
+            host: "outage".into(),
+            metrics: Default::default(),
+        },
+    )
+    .unwrap();
+    let scheduler = Scheduler::new(
+        Ledger::start(store.clone(), ledger::DEFAULT_CAPACITY, Default::default()),
+        "outage",
+    )
+    .await
+    .unwrap();
+    scheduler.add(spec, Arc::clone(&job)).await.unwrap();
+    scheduler.start().await.unwrap();
+
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::task::spawn_blocking(move || pg.stop().unwrap())
+        .await
+        .unwrap();
+    let down_at = Utc::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let pg = tokio::task::spawn_blocking({
+        let data = data.clone();
+        move || own_cluster(&data)
+    })
+    .await
+    .unwrap();
+    let up_at = Utc::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    scheduler.shutdown(Duration::from_secs(5)).await;
+
+    let rows = samples(&store).await;
+    let seconds: Vec<i64> = rows.iter().map(|(ts, _)| ts.timestamp()).collect();
+    assert!(seconds.len() >= 18, "{} rows", seconds.len());
+    let first = seconds[0];
+    let last = *seconds.last().unwrap();
+    // Every second of the run has exactly one row, in order.
+    assert_eq!(
+        seconds,
+        (first..=last).collect::<Vec<_>>(),
+        "one row per second"
+    );
+    // And the outage is inside it: samples exist for the seconds PostgreSQL was down.
+    let down = rows
+        .iter()
+        .filter(|(ts, _)| *ts > down_at && *ts < up_at)
+        .count();
+    assert!(down >= 8, "samples taken during the outage: {down}");
+    // The ledger, buffered the same way, recorded the runs of the outage too.
+    let runs: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM job_runs WHERE job = 'host' AND started_at > $1 AND started_at < $2",
+    )
+    .bind(down_at)
+    .bind(up_at)
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert!(runs >= 8, "ledger rows during the outage: {runs}");
+    store.close().await;
+    tokio::task::spawn_blocking(move || pg.stop().unwrap())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_buffer_drops_the_oldest_samples_and_counts_them() {
+    // A store pointing nowhere: every write fails.
+    let target = Target {
+        options: "postgres://nobody@127.0.0.1:1/none".parse().unwrap(),
+        display: "nowhere".into(),
+    };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(200))
+        .connect_lazy_with(target.options.clone());
+    let store = Store::from_pool(pool);
+    let job = vigil::jobs::system_metrics::SystemMetrics::new(
+        "host",
+        &match spec("1s", "collect = [\"uptime\"]\nbuffer = 10").settings {
+            vigil::jobs::KindConfig::SystemMetrics(c) => c,
+            _ => unreachable!(),
+        },
+        store,
+        "h",
+        None,
+        &Default::default(),
+    )
+    .unwrap();
+    use vigil::jobs::Job as _;
+    for _ in 0..25 {
+        job.run(ctx()).await.unwrap();
+    }
+    assert_eq!(job.queue().len(), 10);
+    assert_eq!(job.queue().dropped(), 15);
+}
