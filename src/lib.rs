@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod config;
+pub mod gateway;
 pub mod jobs;
 pub mod scheduler;
 pub mod store;

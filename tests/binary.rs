@@ -33,8 +33,20 @@ fn tempdir() -> tempfile::TempDir {
     dir
 }
 
+/// Collects a child's stdout lines as they come.
+fn collect_lines(out: std::process::ChildStdout) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn run_fires_jobs_logs_json_and_exits_zero_on_sigterm() {
+async fn run_fires_jobs_serves_http_logs_json_and_exits_zero_on_sigterm() {
     let db = TestDb::empty().await;
     let dir = tempdir();
     write(
@@ -53,14 +65,36 @@ command = ["sh", "-c", "echo hello from the job"]
         vigil(
             dir.path(),
             &["run"],
-            &[("DATABASE_URL", &db.url), ("VIGIL_HOST", "t1")],
+            &[
+                ("DATABASE_URL", &db.url),
+                ("VIGIL_HOST", "t1"),
+                ("PORT", "0"),
+            ],
         )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap(),
     );
-    // `run` migrates the empty database itself, then fires every second.
+    let lines = collect_lines(child.0.stdout.take().unwrap());
+    // PORT=0: the log says where the gateway listens.
+    let address = eventually(Duration::from_secs(20), "the gateway address", || async {
+        lines.lock().unwrap().iter().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            (v["message"] == "gateway listening")
+                .then(|| v["address"].as_str().map(String::from))?
+        })
+    })
+    .await;
+    let body: serde_json::Value = reqwest::get(format!("http://{address}/"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["message"], "Welcome to the Observability Platform");
+
+    // `run` migrated the empty database itself, then fires every second.
     eventually(Duration::from_secs(20), "three successful runs", || async {
         let ok = sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM job_runs WHERE job = 'hello' AND status = 'succeeded' AND host = 't1'",
@@ -76,11 +110,12 @@ command = ["sh", "-c", "echo hello from the job"]
         .wait_exit(Duration::from_secs(15))
         .expect("exits after SIGTERM");
     assert!(status.success(), "{status:?}");
+    std::thread::sleep(Duration::from_millis(200));
 
-    let stdout = BufReader::new(child.0.stdout.take().unwrap());
-    let lines: Vec<String> = stdout.lines().map_while(Result::ok).collect();
+    let lines = lines.lock().unwrap().clone();
     assert!(!lines.is_empty());
     let mut saw_job_output = false;
+    let mut saw_request = false;
     for line in &lines {
         let v: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
@@ -93,10 +128,20 @@ command = ["sh", "-c", "echo hello from the job"]
             assert_eq!(span["job"], "hello", "{line}");
             assert!(span["run_id"].is_string(), "{line}");
         }
+        if v["message"] == "request" && v["path"] == "/" {
+            saw_request = true;
+            assert_eq!(v["method"], "GET", "{line}");
+            assert_eq!(v["status"], 200, "{line}");
+            assert!(v["latency_ms"].is_f64(), "{line}");
+        }
     }
     assert!(
         saw_job_output,
         "the command's output is logged inside its run"
+    );
+    assert!(
+        saw_request,
+        "requests are logged with method, path, status and latency"
     );
     assert!(statuses(&db, "hello").await.iter().all(|s| s.is_final()));
 }
@@ -125,11 +170,15 @@ command = ["sh", "-c", "echo $$ > {}; exec sleep 60"]
         ),
     );
     let mut child = Running(
-        vigil(dir.path(), &["run"], &[("DATABASE_URL", &db.url)])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+        vigil(
+            dir.path(),
+            &["run"],
+            &[("DATABASE_URL", &db.url), ("PORT", "0")],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
     );
     eventually(Duration::from_secs(20), "a running run", || async {
         statuses(&db, "long")
@@ -175,7 +224,11 @@ every = "1s"
 command = ["sleep", "60"]
 "#,
     );
-    let env = [("DATABASE_URL", db.url.as_str()), ("VIGIL_HOST", "box-1")];
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("VIGIL_HOST", "box-1"),
+        ("PORT", "0"),
+    ];
     let mut first = Running(
         vigil(dir.path(), &["run"], &env)
             .stdout(Stdio::null())

@@ -39,11 +39,15 @@ async fn succeeded_runs(data: &Path) -> Option<i64> {
 
 fn start(dir: &Path) -> Running {
     Running(
-        vigil(dir, &["run"], &[("VIGIL_HOST", "embedded-test")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+        vigil(
+            dir,
+            &["run"],
+            &[("VIGIL_HOST", "embedded-test"), ("PORT", "0")],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap(),
     )
 }
 

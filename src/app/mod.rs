@@ -3,13 +3,16 @@
 mod table;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::config::{Config, Settings};
+use crate::gateway::{self, Gateway};
 use crate::jobs::{self, Deps};
 use crate::scheduler::{Ledger, RunResult, Scheduler, SchedulerError, TriggerError, ledger};
 use crate::store::embedded::{self, EmbeddedError, EmbeddedPostgres};
 use crate::store::{Store, StoreError, Target};
+use crate::telemetry::metrics::Metrics;
 
 pub use table::{UPCOMING, jobs_table};
 
@@ -90,55 +93,110 @@ impl Database {
 }
 
 /// Builds a scheduler holding every job of `config` (not started).
-pub async fn scheduler(config: &Config, store: &Store) -> Result<Scheduler, AppError> {
-    let ledger = Ledger::start(store.clone(), ledger::DEFAULT_CAPACITY);
-    let scheduler = Scheduler::new(ledger, config.settings.host.clone()).await?;
+pub async fn scheduler(
+    config: &Config,
+    store: &Store,
+    metrics: &Metrics,
+) -> Result<Scheduler, AppError> {
+    let ledger = Ledger::start(store.clone(), ledger::DEFAULT_CAPACITY, metrics.clone());
+    let scheduler =
+        Scheduler::with_metrics(ledger, config.settings.host.clone(), metrics.clone()).await?;
     let deps = Deps {
         store: store.clone(),
+        host: config.settings.host.clone(),
+        metrics: metrics.clone(),
     };
     for spec in &config.file.jobs {
-        scheduler
-            .add(spec.clone(), jobs::build(&spec.settings, &deps))
-            .await?;
+        let job = jobs::build(spec, &deps)
+            .map_err(|e| AppError::Other(format!("job \"{}\": {e}", spec.name)))?;
+        scheduler.add(spec.clone(), job).await?;
     }
     Ok(scheduler)
+}
+
+/// A running vigil: scheduler and gateway over one database.
+pub struct App {
+    pub scheduler: Scheduler,
+    pub metrics: Metrics,
+    gateway: Gateway,
+    shutdown_grace: Duration,
+}
+
+impl App {
+    /// Migrates, marks this host's orphaned runs `abandoned`, starts the scheduler and
+    /// the gateway.
+    pub async fn start(config: &Config, store: &Store) -> Result<Self, AppError> {
+        store.migrate().await?;
+        let host = &config.settings.host;
+        let abandoned = store
+            .abandon_running(host, "vigil stopped before the run finished")
+            .await?;
+        if abandoned > 0 {
+            tracing::warn!(runs = abandoned, %host, "marked runs left running by an earlier start as abandoned");
+        }
+        let metrics = Metrics::new();
+        let scheduler = scheduler(config, store, &metrics).await?;
+        scheduler.start().await?;
+        let state = gateway::State {
+            scheduler: scheduler.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            api_token: config.settings.api_token.clone(),
+            reads_open: config.settings.api_reads_open,
+            reading_sync_job: config.settings.reading_sync_job.clone(),
+        };
+        let addr = SocketAddr::new(config.settings.bind, config.settings.port);
+        let gateway = match Gateway::start(state, addr).await {
+            Ok(g) => g,
+            Err(e) => {
+                scheduler.shutdown(config.settings.shutdown_grace).await;
+                return Err(AppError::Other(e.to_string()));
+            }
+        };
+        tracing::info!(
+            jobs = config.file.jobs.len(),
+            enabled = config.file.jobs.iter().filter(|j| j.enabled).count(),
+            config = %config.file.path.display(),
+            %host,
+            gateway = %gateway.local_addr,
+            "vigil started"
+        );
+        Ok(Self {
+            scheduler,
+            metrics,
+            gateway,
+            shutdown_grace: config.settings.shutdown_grace,
+        })
+    }
+
+    /// Where the gateway listens (the real port when configured with 0).
+    pub fn address(&self) -> SocketAddr {
+        self.gateway.local_addr
+    }
+
+    /// Stops firing (triggers now answer 503), waits for runs up to the grace period,
+    /// then closes the gateway.
+    pub async fn stop(self) {
+        tracing::info!(grace = ?self.shutdown_grace, "shutting down");
+        let report = self.scheduler.shutdown(self.shutdown_grace).await;
+        tracing::info!(abandoned = report.abandoned, "scheduler stopped");
+        self.gateway.stop().await;
+    }
 }
 
 /// `vigil run`: serves until `shutdown` resolves, then stops gracefully.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
     let db = Database::open(&config.settings).await?;
-    let result = run_with(&config, &db.store, shutdown).await;
+    let result = match App::start(&config, &db.store).await {
+        Ok(app) => {
+            shutdown.await;
+            app.stop().await;
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
     db.close().await;
     result
-}
-
-async fn run_with(
-    config: &Config,
-    store: &Store,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), AppError> {
-    store.migrate().await?;
-    let host = &config.settings.host;
-    let abandoned = store
-        .abandon_running(host, "vigil stopped before the run finished")
-        .await?;
-    if abandoned > 0 {
-        tracing::warn!(runs = abandoned, %host, "marked runs left running by an earlier start as abandoned");
-    }
-    let scheduler = scheduler(config, store).await?;
-    scheduler.start().await?;
-    tracing::info!(
-        jobs = config.file.jobs.len(),
-        enabled = config.file.jobs.iter().filter(|j| j.enabled).count(),
-        config = %config.file.path.display(),
-        %host,
-        "vigil started"
-    );
-    shutdown.await;
-    tracing::info!(grace = ?config.settings.shutdown_grace, "shutting down");
-    let report = scheduler.shutdown(config.settings.shutdown_grace).await;
-    tracing::info!(abandoned = report.abandoned, "scheduler stopped");
-    Ok(())
 }
 
 /// `vigil trigger JOB`: one run, in this process, recorded in the ledger.
@@ -146,7 +204,7 @@ pub async fn trigger(config: &Config, job: &str, force: bool) -> Result<RunResul
     let db = Database::open(&config.settings).await?;
     let result = async {
         db.store.migrate().await?;
-        let scheduler = scheduler(config, &db.store).await?;
+        let scheduler = scheduler(config, &db.store, &Metrics::new()).await?;
         let mut handle = scheduler.trigger(job, force)?;
         let result = handle.finished().await;
         if let Err(e) = scheduler.ledger().flush(Duration::from_secs(30)).await {

@@ -186,6 +186,12 @@ pub struct Settings {
     pub db_max_connections: u32,
     pub db_connect_timeout: Duration,
     pub pg_bin_dir: Option<PathBuf>,
+    /// With a token, every request that starts work needs `Authorization: Bearer <token>`.
+    pub api_token: Option<Secret>,
+    /// Whether reads (job lists, run history, readings, metrics) need no token.
+    pub api_reads_open: bool,
+    /// The job `/api/sync/reading` runs.
+    pub reading_sync_job: String,
 }
 
 /// One setting: its key in `[runner]` (if settable there) and its variable.
@@ -276,6 +282,21 @@ const KEYS: &[Key] = &[
         in_runner: true,
         var: "VIGIL_PG_BIN_DIR",
     },
+    Key {
+        name: "api_token",
+        in_runner: false,
+        var: "VIGIL_API_TOKEN",
+    },
+    Key {
+        name: "api_reads_open",
+        in_runner: true,
+        var: "VIGIL_API_READS_OPEN",
+    },
+    Key {
+        name: "reading_sync_job",
+        in_runner: true,
+        var: "VIGIL_READING_SYNC_JOB",
+    },
 ];
 
 /// `VIGIL_*` variables read elsewhere than this table (the CLI's own).
@@ -299,6 +320,10 @@ mod defaults {
     pub const DB_PORT: i64 = 5432;
     pub const DB_USER: &str = "vigil";
     pub const DB_NAME: &str = "vigil";
+    /// Dashboards and health probes read without credentials unless closed explicitly.
+    pub const API_READS_OPEN: bool = true;
+    /// The seed's reading sync job.
+    pub const READING_SYNC_JOB: &str = "reading-sync";
 }
 
 /// The `[runner]` table as a `config` source, each value carrying its file position.
@@ -414,6 +439,8 @@ impl Settings {
             .and_then(|b| b.set_default("data_dir", defaults::DATA_DIR))
             .and_then(|b| b.set_default("db_max_connections", defaults::DB_MAX_CONNECTIONS))
             .and_then(|b| b.set_default("db_connect_timeout", defaults::DB_CONNECT_TIMEOUT))
+            .and_then(|b| b.set_default("api_reads_open", defaults::API_READS_OPEN))
+            .and_then(|b| b.set_default("reading_sync_job", defaults::READING_SYNC_JOB))
             .map(|b| {
                 b.add_source(RunnerSource(runner_entries))
                     .add_source(EnvSource(env_entries))
@@ -437,8 +464,9 @@ impl Settings {
             diags: &mut diags,
         };
         let database = r.database();
-        let port = r.parsed("port", "a port number from 1 to 65535", |s| {
-            s.parse::<u16>().ok().filter(|p| *p > 0)
+        // 0 asks the OS for a free port (the log line "gateway listening" names it).
+        let port = r.parsed("port", "a port number from 0 to 65535", |s| {
+            s.parse::<u16>().ok()
         });
         let bind = r.parsed("bind", "an IP address such as 127.0.0.1 or 0.0.0.0", |s| {
             s.parse::<IpAddr>().ok()
@@ -454,6 +482,9 @@ impl Settings {
             });
         let db_connect_timeout = r.duration("db_connect_timeout");
         let pg_bin_dir = r.string("pg_bin_dir").map(PathBuf::from);
+        let api_token = r.string("api_token").map(Secret::new);
+        let api_reads_open = r.parsed("api_reads_open", "true or false", parse_bool);
+        let reading_sync_job = r.string("reading_sync_job");
 
         if !diags.is_empty() {
             return Err(Diagnostics(diags));
@@ -465,6 +496,8 @@ impl Settings {
             data_dir,
             db_max_connections,
             db_connect_timeout,
+            api_reads_open,
+            reading_sync_job,
         ) {
             (
                 Some(port),
@@ -473,6 +506,8 @@ impl Settings {
                 Some(data_dir),
                 Some(db_max_connections),
                 Some(db_connect_timeout),
+                Some(api_reads_open),
+                Some(reading_sync_job),
             ) => Ok(Settings {
                 database,
                 port,
@@ -485,6 +520,9 @@ impl Settings {
                 db_max_connections,
                 db_connect_timeout,
                 pg_bin_dir,
+                api_token,
+                api_reads_open,
+                reading_sync_job,
             }),
             // Unreachable in practice: every `None` above pushed a diagnostic.
             _ => Err(Diagnostics(vec![Diagnostic {
@@ -592,6 +630,14 @@ impl Reader<'_> {
     }
 }
 
+fn parse_bool(s: &str) -> Option<bool> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
 fn local_hostname() -> String {
     gethostname::gethostname()
         .into_string()
@@ -674,9 +720,31 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted_in_debug_output() {
-        let env = Environment::from_pairs([("MONGO_URI", "mongodb://u:pw@m/")]);
+        let env = Environment::from_pairs([
+            ("MONGO_URI", "mongodb://u:pw@m/"),
+            ("VIGIL_API_TOKEN", "t0k3n"),
+        ]);
         let s = Settings::load(&[], &env).unwrap();
-        assert!(!format!("{s:?}").contains("pw@"));
+        let dump = format!("{s:?}");
+        assert!(!dump.contains("pw@") && !dump.contains("t0k3n"), "{dump}");
+        assert_eq!(s.api_token.unwrap().expose(), "t0k3n");
+    }
+
+    #[test]
+    fn reads_can_be_closed_and_booleans_are_checked() {
+        let s = Settings::load(
+            &[],
+            &Environment::from_pairs([("VIGIL_API_READS_OPEN", "false")]),
+        )
+        .unwrap();
+        assert!(!s.api_reads_open);
+        let err = Settings::load(
+            &[],
+            &Environment::from_pairs([("VIGIL_API_READS_OPEN", "maybe")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("expected true or false"), "{err}");
     }
 
     #[test]

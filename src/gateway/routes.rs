@@ -1,0 +1,428 @@
+//! The route table and its handlers.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use uuid::Uuid;
+use warp::http::{Method, StatusCode, header};
+
+use super::error::ApiError;
+use super::params::Params;
+use super::{HandlerFuture, Reply, Request, State};
+use crate::scheduler::{JobStatus, RunHandle, RunResult, TriggerError};
+use crate::store::RunStatus;
+use crate::store::readings::ReadingQuery;
+use crate::store::runs::{RunQuery, RunRecord};
+
+/// Who may call a route when `VIGIL_API_TOKEN` is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Never needs the token (health probes, the API description).
+    Open,
+    /// Needs the token only when reads are closed (`VIGIL_API_READS_OPEN=false`).
+    Read,
+    /// Starts work: always needs the token.
+    Work,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub method: Method,
+    /// Path with `{name}` placeholders, as in the OpenAPI description.
+    pub template: &'static str,
+    pub access: Access,
+    /// The query parameters it takes.
+    pub params: &'static [&'static str],
+}
+
+macro_rules! route {
+    ($method:ident, $template:literal, $access:ident, [$($p:literal),*]) => {
+        Route { method: Method::$method, template: $template, access: Access::$access, params: &[$($p),*] }
+    };
+}
+
+/// Every route the gateway answers. The OpenAPI description is tested against it.
+pub static ROUTES: [Route; 13] = [
+    route!(GET, "/", Read, []),
+    route!(GET, "/healthz", Open, []),
+    route!(GET, "/readyz", Open, []),
+    route!(GET, "/metrics", Read, []),
+    route!(GET, "/api/openapi.json", Open, []),
+    route!(GET, "/api/reading", Read, ["limit", "cursor", "from", "to"]),
+    route!(GET, "/api/sync/reading", Work, ["wait", "force"]),
+    route!(POST, "/api/sync/reading", Work, ["wait", "force"]),
+    route!(GET, "/api/jobs", Read, []),
+    route!(GET, "/api/jobs/{name}", Read, []),
+    route!(
+        GET,
+        "/api/jobs/{name}/runs",
+        Read,
+        ["status", "limit", "cursor"]
+    ),
+    route!(
+        POST,
+        "/api/jobs/{name}/runs",
+        Work,
+        ["wait", "timeout", "force"]
+    ),
+    route!(GET, "/api/runs/{id}", Read, []),
+];
+
+pub enum Found {
+    Route(&'static Route, Vec<String>),
+    WrongMethod(Vec<Method>),
+    Nothing,
+}
+
+/// Matches `path` against the table.
+pub fn find(method: &Method, path: &str) -> Found {
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let mut allowed = Vec::new();
+    for route in &ROUTES {
+        let template: Vec<&str> = route.template.split('/').skip(1).collect();
+        if template.len() != segments.len() {
+            continue;
+        }
+        let mut captures = Vec::new();
+        let matched = template.iter().zip(&segments).all(|(t, s)| {
+            if t.starts_with('{') {
+                captures.push(percent_decode(s));
+                !s.is_empty()
+            } else {
+                t == s
+            }
+        });
+        if !matched {
+            continue;
+        }
+        if route.method == *method {
+            return Found::Route(route, captures);
+        }
+        allowed.push(route.method.clone());
+    }
+    if allowed.is_empty() {
+        Found::Nothing
+    } else {
+        Found::WrongMethod(allowed)
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// The API description, served at `/api/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Longest a request may hold a connection waiting for a run, in seconds.
+const MAX_WAIT_S: i64 = 600;
+/// How long `/api/sync/reading` waits by default before answering with the run id.
+const DEFAULT_SYNC_WAIT_S: i64 = 30;
+/// How long `?wait=true` waits by default.
+const DEFAULT_TRIGGER_WAIT_S: i64 = 60;
+
+fn seconds(n: i64) -> Duration {
+    Duration::from_secs(n.unsigned_abs())
+}
+
+pub fn handle(state: State, route: &'static Route, req: Request) -> HandlerFuture {
+    Box::pin(async move {
+        let params = Params::parse(&req.query, route.params)?;
+        match (route.method.as_str(), route.template) {
+            ("GET", "/") => Ok(Reply::json(
+                StatusCode::OK,
+                json!({
+                    "message": "Welcome to the Observability Platform",
+                    "version": env!("CARGO_PKG_VERSION"),
+                }),
+            )),
+            ("GET", "/healthz") => Ok(Reply::json(StatusCode::OK, json!({ "status": "ok" }))),
+            ("GET", "/readyz") => readyz(&state).await,
+            ("GET", "/metrics") => Ok(Reply {
+                status: StatusCode::OK,
+                json: Value::Null,
+                text: Some((
+                    state.metrics.encode(),
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )),
+                headers: Vec::new(),
+            }),
+            ("GET", "/api/openapi.json") => {
+                let doc: Value = serde_json::from_str(OPENAPI).map_err(|e| {
+                    tracing::error!(error = %e, "the embedded OpenAPI description is not JSON");
+                    ApiError::internal()
+                })?;
+                Ok(Reply::json(StatusCode::OK, doc))
+            }
+            ("GET", "/api/reading") => readings(&state, &params).await,
+            ("GET" | "POST", "/api/sync/reading") => {
+                let wait = seconds(
+                    params
+                        .int("wait", 0, MAX_WAIT_S)?
+                        .unwrap_or(DEFAULT_SYNC_WAIT_S),
+                );
+                let force = params.bool("force")?;
+                let handle = trigger(&state, &state.reading_sync_job, force)?;
+                finish_or_accept(&state, handle, wait).await
+            }
+            ("GET", "/api/jobs") => {
+                let last = last_runs(&state).await?;
+                let jobs: Vec<Value> = state
+                    .scheduler
+                    .jobs()
+                    .into_iter()
+                    .map(|j| job_view(&j, &last))
+                    .collect();
+                Ok(Reply::json(StatusCode::OK, json!({ "jobs": jobs })))
+            }
+            ("GET", "/api/jobs/{name}") => {
+                let name = &req.captures[0];
+                let job = known_job(&state, name)?;
+                let last = last_runs(&state).await?;
+                Ok(Reply::json(StatusCode::OK, job_view(&job, &last)))
+            }
+            ("GET", "/api/jobs/{name}/runs") => {
+                let name = &req.captures[0];
+                known_job(&state, name)?;
+                let status = params
+                    .string("status")
+                    .map(|s| {
+                        s.parse::<RunStatus>()
+                            .map_err(|e| ApiError::bad_request(format!("`status`: {e}")))
+                    })
+                    .transpose()?;
+                let limit = params.int("limit", 1, 500)?.unwrap_or(50);
+                let before = params
+                    .string("cursor")
+                    .map(|c| {
+                        c.parse::<Uuid>().map_err(|_| {
+                            ApiError::bad_request(format!(
+                                "`cursor` must be a run id (a UUID), got {c:?}"
+                            ))
+                        })
+                    })
+                    .transpose()?;
+                flush_ledger(&state).await;
+                let runs = state
+                    .store
+                    .runs(&RunQuery {
+                        job: Some(name),
+                        status,
+                        before,
+                        limit,
+                    })
+                    .await?;
+                let next = (runs.len() as i64 == limit)
+                    .then(|| runs.last().map(|r| r.id.to_string()))
+                    .flatten();
+                Ok(Reply::json(
+                    StatusCode::OK,
+                    json!({
+                        "runs": runs.iter().map(run_view).collect::<Vec<_>>(),
+                        "next_cursor": next,
+                    }),
+                ))
+            }
+            ("POST", "/api/jobs/{name}/runs") => {
+                let name = req.captures[0].clone();
+                let wait = params.bool("wait")?;
+                let timeout = seconds(
+                    params
+                        .int("timeout", 0, MAX_WAIT_S)?
+                        .unwrap_or(DEFAULT_TRIGGER_WAIT_S),
+                );
+                let force = params.bool("force")?;
+                let handle = trigger(&state, &name, force)?;
+                if wait {
+                    finish_or_accept(&state, handle, timeout).await
+                } else {
+                    Ok(accepted(handle.run_id))
+                }
+            }
+            ("GET", "/api/runs/{id}") => {
+                let raw = &req.captures[0];
+                let id: Uuid = raw.parse().map_err(|_| {
+                    ApiError::bad_request(format!("run id must be a UUID, got {raw:?}"))
+                })?;
+                flush_ledger(&state).await;
+                match state.store.run(id).await? {
+                    Some(run) => Ok(Reply::json(StatusCode::OK, run_view(&run))),
+                    None => Err(ApiError::not_found(format!("no run {id}"))),
+                }
+            }
+            _ => Err(ApiError::not_found(format!(
+                "no route for {} {}",
+                req.method, req.path
+            ))),
+        }
+    })
+}
+
+async fn readyz(state: &State) -> Result<Reply, ApiError> {
+    let postgres = match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("PostgreSQL unreachable: {e}")),
+        Err(_) => Err("PostgreSQL did not answer within 2 s".to_owned()),
+    };
+    let scheduler = if state.scheduler.is_running() {
+        Ok(())
+    } else {
+        Err("scheduler not running".to_owned())
+    };
+    let checks = json!({
+        "postgres": postgres.as_ref().map_or_else(|e| e.as_str(), |()| "ok"),
+        "scheduler": scheduler.as_ref().map_or_else(|e| e.as_str(), |()| "ok"),
+    });
+    let problems: Vec<String> = [postgres, scheduler]
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+    if problems.is_empty() {
+        Ok(Reply::json(
+            StatusCode::OK,
+            json!({ "status": "ready", "checks": checks }),
+        ))
+    } else {
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            problems.join("; "),
+        )
+        .with(json!({ "checks": checks })))
+    }
+}
+
+async fn readings(state: &State, params: &Params) -> Result<Reply, ApiError> {
+    let limit = params.int("limit", 1, 1000)?.unwrap_or(100);
+    let before_id = params.int("cursor", 1, i64::MAX)?;
+    let from = params.time("from")?;
+    let to = params.time("to")?;
+    // `from` after `to` is an empty window, answered as such.
+    let rows = state
+        .store
+        .readings(&ReadingQuery {
+            before_id,
+            from,
+            to,
+            limit,
+        })
+        .await?;
+    let next = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| r.id.to_string()))
+        .flatten();
+    Ok(Reply::json(
+        StatusCode::OK,
+        json!({ "readings": rows, "next_cursor": next }),
+    ))
+}
+
+fn known_job(state: &State, name: &str) -> Result<JobStatus, ApiError> {
+    state
+        .scheduler
+        .jobs()
+        .into_iter()
+        .find(|j| j.name == name)
+        .ok_or_else(|| ApiError::not_found(format!("no job named {name:?}")))
+}
+
+fn trigger(state: &State, name: &str, force: bool) -> Result<RunHandle, ApiError> {
+    state.scheduler.trigger(name, force).map_err(|e| match e {
+        TriggerError::UnknownJob(_) => ApiError::not_found(e.to_string()),
+        TriggerError::Disabled(_) => ApiError::new(
+            StatusCode::CONFLICT,
+            "job_disabled",
+            format!("{e} (add ?force=true)"),
+        ),
+        TriggerError::Refused { running, .. } => {
+            ApiError::new(StatusCode::CONFLICT, "run_in_progress", e.to_string())
+                .with(json!({ "running_run_id": running }))
+        }
+        TriggerError::Stopping => ApiError::unavailable(e.to_string()),
+    })
+}
+
+fn accepted(run_id: Uuid) -> Reply {
+    let location = format!("/api/runs/{run_id}");
+    Reply::json(
+        StatusCode::ACCEPTED,
+        json!({ "run_id": run_id, "status": "running", "location": location }),
+    )
+    .header(header::LOCATION, location)
+}
+
+/// 200 with the outcome if the run ends within `wait`, else 202 with where to poll.
+async fn finish_or_accept(
+    state: &State,
+    mut handle: RunHandle,
+    wait: Duration,
+) -> Result<Reply, ApiError> {
+    let run_id = handle.run_id;
+    match tokio::time::timeout(wait, handle.finished()).await {
+        Ok(result) => {
+            flush_ledger(state).await;
+            Ok(Reply::json(StatusCode::OK, result_view(&result)))
+        }
+        Err(_) => Ok(accepted(run_id)),
+    }
+}
+
+/// Makes the ledger's queued rows visible before reading them; bounded, so a slow
+/// database delays the answer by at most two seconds.
+async fn flush_ledger(state: &State) {
+    let _ = state.scheduler.ledger().flush(Duration::from_secs(2)).await;
+}
+
+async fn last_runs(state: &State) -> Result<Vec<RunRecord>, ApiError> {
+    flush_ledger(state).await;
+    Ok(state.store.last_runs().await?)
+}
+
+fn job_view(job: &JobStatus, last: &[RunRecord]) -> Value {
+    json!({
+        "name": job.name,
+        "kind": job.kind,
+        "schedule": job.schedule,
+        "enabled": job.enabled,
+        "overlap": job.overlap,
+        "next_fire": job.next_fire,
+        "running": job.running,
+        "last_run": last.iter().find(|r| r.job == job.name).map(run_view),
+    })
+}
+
+fn run_view(r: &RunRecord) -> Value {
+    json!({
+        "id": r.id,
+        "job": r.job,
+        "kind": r.kind,
+        "trigger": r.trigger,
+        "attempt": r.attempt,
+        "retry_of": r.retry_of,
+        "scheduled_at": r.scheduled_at,
+        "started_at": r.started_at,
+        "finished_at": r.finished_at,
+        "status": r.status,
+        "items": r.items,
+        "error": r.error,
+        "host": r.host,
+        "duration_ms": r.finished_at.map(|f| (f - r.started_at).num_milliseconds()),
+    })
+}
+
+fn result_view(r: &RunResult) -> Value {
+    json!({
+        "run_id": r.run_id,
+        "last_attempt_id": r.last_attempt_id,
+        "job": r.job,
+        "status": r.status,
+        "attempts": r.attempts,
+        "items": r.items,
+        "error": r.error,
+        "started_at": r.started_at,
+        "finished_at": r.finished_at,
+        "duration_ms": (r.finished_at - r.started_at).num_milliseconds(),
+        "location": format!("/api/runs/{}", r.run_id),
+    })
+}
