@@ -6,11 +6,12 @@ use sqlx::Row as _;
 
 use super::{Store, StoreError};
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Reading {
     pub id: i64,
     pub source_id: String,
-    pub payload: serde_json::Value,
+    /// The stored JSON as PostgreSQL prints it, passed through without re-parsing.
+    pub payload: Box<serde_json::value::RawValue>,
     pub occurred_at: Option<DateTime<Utc>>,
     pub synced_at: DateTime<Utc>,
 }
@@ -30,7 +31,8 @@ pub struct ReadingQuery {
 impl Store {
     pub async fn readings(&self, q: &ReadingQuery) -> Result<Vec<Reading>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, source_id, payload, occurred_at, synced_at FROM reading_analytics
+            "SELECT id, source_id, payload::text AS payload, occurred_at, synced_at
+             FROM reading_analytics
              WHERE ($1::bigint IS NULL OR id < $1)
                AND ($2::timestamptz IS NULL OR synced_at >= $2)
                AND ($3::timestamptz IS NULL OR synced_at < $3)
@@ -48,7 +50,8 @@ impl Store {
                 Ok(Reading {
                     id: r.try_get("id")?,
                     source_id: r.try_get("source_id")?,
-                    payload: r.try_get("payload")?,
+                    payload: serde_json::value::RawValue::from_string(r.try_get("payload")?)
+                        .map_err(|e| StoreError::Query(sqlx::Error::Decode(e.into())))?,
                     occurred_at: r.try_get("occurred_at")?,
                     synced_at: r.try_get("synced_at")?,
                 })
