@@ -48,7 +48,7 @@ fn check_accepts_the_shipped_jobs_file_and_prints_three_fire_times_per_job() {
         "{stdout}"
     );
     assert!(
-        stdout.trim_end().ends_with("jobs.toml: 4 jobs OK"),
+        stdout.trim_end().ends_with("jobs.toml: 5 jobs OK"),
         "{stdout}"
     );
 }
@@ -79,7 +79,7 @@ fn check_rejects_each_bad_fixture_with_a_located_message() {
         ),
         (
             "unknown_kind",
-            "tests/fixtures/bad/unknown_kind.toml:3:8: job \"prune\": unknown job kind \"retension\", expected one of \"system_metrics\", \"retention\", \"command\"",
+            "tests/fixtures/bad/unknown_kind.toml:3:8: job \"prune\": unknown job kind \"retension\", expected one of \"system_metrics\", \"mongo_sync\", \"retention\", \"command\"",
         ),
         (
             "bad_timezone",

@@ -55,6 +55,7 @@ async fn retention_deletes_only_old_rows_in_batches_and_counts_them() {
             store: db.store.clone(),
             host: "h".into(),
             metrics: Default::default(),
+            mongo_uri: None,
         },
     )
     .unwrap();
@@ -117,6 +118,7 @@ async fn retention_on_a_missing_column_fails_with_a_message_naming_it() {
             store: db.store.clone(),
             host: "h".into(),
             metrics: Default::default(),
+            mongo_uri: None,
         },
     )
     .unwrap();

@@ -53,6 +53,7 @@ async fn a_sample_read_back_from_postgres_is_sane() {
             store: db.store.clone(),
             host: "runner".into(),
             metrics: Default::default(),
+            mongo_uri: None,
         },
     )
     .unwrap();
@@ -172,6 +173,7 @@ async fn bytes_sent_over_loopback_show_up_in_its_rates() {
             store: db.store.clone(),
             host: "h".into(),
             metrics: Default::default(),
+            mongo_uri: None,
         },
     )
     .unwrap();
@@ -257,6 +259,7 @@ async fn samples_taken_while_postgres_is_down_are_written_in_order_when_it_retur
             store: store.clone(),
             host: "outage".into(),
             metrics: Default::default(),
+            mongo_uri: None,
         },
     )
     .unwrap();

@@ -105,6 +105,7 @@ pub async fn scheduler(
         store: store.clone(),
         host: config.settings.host.clone(),
         metrics: metrics.clone(),
+        mongo_uri: config.settings.mongo_uri.clone(),
     };
     for spec in &config.file.jobs {
         let job = jobs::build(spec, &deps)

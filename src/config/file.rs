@@ -393,6 +393,9 @@ fn parse_settings(
         JobKind::SystemMetrics => deserialize_collecting(map, &label, value, diags)
             .and_then(|c| check(map, &label, c, diags))
             .map(KindConfig::SystemMetrics),
+        JobKind::MongoSync => deserialize_collecting(map, &label, value, diags)
+            .and_then(|c| check(map, &label, c, diags))
+            .map(|c| KindConfig::MongoSync(Box::new(c))),
         JobKind::Retention => deserialize_collecting(map, &label, value, diags)
             .and_then(|c| check(map, &label, c, diags))
             .map(KindConfig::Retention),

@@ -4,6 +4,7 @@
 //! the run (timeout, retries, overlap, ledger).
 
 pub mod command;
+pub mod mongo_sync;
 pub mod retention;
 pub mod system_metrics;
 
@@ -21,16 +22,23 @@ use crate::telemetry::metrics::Metrics;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum JobKind {
     SystemMetrics,
+    MongoSync,
     Retention,
     Command,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 3] = [JobKind::SystemMetrics, JobKind::Retention, JobKind::Command];
+    pub const ALL: [JobKind; 4] = [
+        JobKind::SystemMetrics,
+        JobKind::MongoSync,
+        JobKind::Retention,
+        JobKind::Command,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             JobKind::SystemMetrics => "system_metrics",
+            JobKind::MongoSync => "mongo_sync",
             JobKind::Retention => "retention",
             JobKind::Command => "command",
         }
@@ -62,6 +70,8 @@ impl<'de> Deserialize<'de> for JobKind {
 #[derive(Debug, Clone, PartialEq)]
 pub enum KindConfig {
     SystemMetrics(system_metrics::SystemMetricsConfig),
+    /// Boxed: by far the largest settings.
+    MongoSync(Box<mongo_sync::MongoSyncConfig>),
     Retention(retention::RetentionConfig),
     Command(command::CommandConfig),
 }
@@ -110,6 +120,8 @@ pub struct Deps {
     /// The runner's name (the ledger's `host`).
     pub host: String,
     pub metrics: Metrics,
+    /// `MONGO_URI`, for sync jobs that do not name their own.
+    pub mongo_uri: Option<crate::config::Secret>,
 }
 
 /// Builds the job a validated spec describes.
@@ -123,6 +135,12 @@ pub fn build(spec: &JobSpec, deps: &Deps) -> Result<Arc<dyn Job>, JobError> {
             spec.schedule.typical_interval(),
             &deps.metrics,
         )?),
+        KindConfig::MongoSync(c) => Arc::new(mongo_sync::MongoSync::new(
+            &spec.name,
+            (**c).clone(),
+            deps.mongo_uri.as_ref(),
+            deps.store.clone(),
+        )),
         KindConfig::Retention(c) => {
             Arc::new(retention::Retention::new(c.clone(), deps.store.clone()))
         }

@@ -5,6 +5,7 @@ mod metrics;
 pub mod readings;
 mod retention;
 pub mod runs;
+pub mod sync;
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -183,3 +183,79 @@ pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::write(&p, text).unwrap();
     p
 }
+
+/// A throwaway nx-27017 (a MongoDB wire-protocol server) on a free port, in memory.
+/// `scripts/test` installs it into `.tools/venv`; `NX_27017_BIN` overrides the path.
+pub struct MongoServer {
+    child: Child,
+    pub uri: String,
+    _dir: tempfile::TempDir,
+}
+
+impl MongoServer {
+    pub async fn start() -> Self {
+        let bin = std::env::var("NX_27017_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/venv/bin/nx-27017")
+            });
+        assert!(
+            bin.exists(),
+            "nx-27017 not found at {}: run ./scripts/test, which installs it",
+            bin.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = dir.path().join("nx.log");
+        let child = Command::new(&bin)
+            .args([
+                "--db",
+                "memory",
+                "--host",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .arg("--log-file")
+            .arg(&log)
+            .arg("--pid-file")
+            .arg(dir.path().join("nx.pid"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "nx-27017 did not accept connections on {port}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
+            child,
+            uri: format!("mongodb://127.0.0.1:{port}"),
+            _dir: dir,
+        }
+    }
+
+    pub async fn client(&self) -> mongodb::Client {
+        mongodb::Client::with_uri_str(&self.uri).await.unwrap()
+    }
+}
+
+impl Drop for MongoServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

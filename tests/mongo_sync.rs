@@ -1,0 +1,494 @@
+//! MongoDB → PostgreSQL sync through nx-27017 (a MongoDB wire-protocol server) and real
+//! PostgreSQL.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{MongoServer, TestDb};
+use futures::TryStreamExt as _;
+use mongodb::bson::oid::ObjectId;
+use mongodb::bson::spec::BinarySubtype;
+use mongodb::bson::{Binary, Bson, DateTime as BsonDateTime, Document, doc};
+use vigil::config::{self, JobSpec};
+use vigil::jobs::mongo_sync::{Fault, MongoSync};
+use vigil::jobs::{self, Deps, Job, KindConfig, RunContext, RunOutcome};
+use vigil::scheduler::{Ledger, Scheduler, ledger};
+use vigil::store::{RunStatus, Store};
+
+fn spec(uri: &str, settings: &str) -> JobSpec {
+    let text = format!(
+        "[[jobs]]\nname = \"reading-sync\"\nkind = \"mongo_sync\"\nevery = \"1m\"\ntimeout = \"5m\"\n\
+         [jobs.settings]\nuri = \"{uri}\"\ndatabase = \"obs\"\ncollection = \"readings\"\n{settings}\n"
+    );
+    config::parse_jobs(Path::new("t.toml"), &text)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .jobs
+        .remove(0)
+}
+
+fn sync_job(spec: &JobSpec, store: &Store) -> MongoSync {
+    let KindConfig::MongoSync(c) = &spec.settings else {
+        unreachable!()
+    };
+    MongoSync::new(&spec.name, (**c).clone(), None, store.clone())
+}
+
+fn ctx() -> RunContext {
+    RunContext {
+        job: "reading-sync".into(),
+        run_id: uuid::Uuid::now_v7(),
+        deadline: tokio::time::Instant::now() + Duration::from_secs(300),
+    }
+}
+
+async fn insert(client: &mongodb::Client, docs: Vec<Document>) {
+    let coll = client.database("obs").collection::<Document>("readings");
+    for chunk in docs.chunks(1000) {
+        coll.insert_many(chunk.to_vec()).await.unwrap();
+    }
+}
+
+async fn statuses(client: &mongodb::Client) -> Vec<Document> {
+    client
+        .database("obs")
+        .collection::<Document>("readings")
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+async fn rows(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM reading_analytics")
+        .fetch_one(db.pool())
+        .await
+        .unwrap()
+}
+
+fn reading(i: i64) -> Document {
+    doc! {
+        "reading_id": format!("r-{i:06}"),
+        "status": "ingested",
+        "sensor": format!("probe-{}", i % 17),
+        "value": (i as f64) * 0.25,
+        "timestamp": BsonDateTime::from_millis(1_767_225_600_000 + i * 1000),
+    }
+}
+
+/// 10,000 documents: every type nx-27017 stores, unicode, deep nesting, sizes near the
+/// limit, and some that cannot be loaded.
+fn mixed_documents() -> (Vec<Document>, HashSet<String>, usize) {
+    let mut docs = Vec::new();
+    let mut good = HashSet::new();
+    let mut bad = 0;
+    for i in 0..10_000i64 {
+        let mut d = reading(i);
+        match i % 20 {
+            0 => {
+                // Every type nx-27017 stores.
+                d.insert("oid", ObjectId::new());
+                d.insert("int32", i as i32);
+                d.insert("int64_big", (1i64 << 62) + i);
+                d.insert("int64_small", i << 20);
+                d.insert("double", -1.5e300);
+                d.insert(
+                    "bin",
+                    Binary {
+                        subtype: BinarySubtype::Generic,
+                        bytes: vec![1, 2, 3, (i % 256) as u8],
+                    },
+                );
+                d.insert("null", Bson::Null);
+                d.insert("flag", i % 40 == 0);
+                d.insert("dotted.key", "kept as written");
+                d.insert(
+                    "list",
+                    vec![
+                        Bson::Int32(1),
+                        Bson::String("two".into()),
+                        Bson::Document(doc! {"three": 3}),
+                    ],
+                );
+            }
+            1 => {
+                d.insert("note", "température élevée ✓ — 温度 🌡️");
+            }
+            2 => {
+                let mut nested = doc! { "leaf": i };
+                for level in 0..40 {
+                    nested = doc! { format!("l{level}"): nested };
+                }
+                d.insert("deep", nested);
+            }
+            3 => {
+                // Just under the limit of 16 KiB.
+                d.insert("blob", "x".repeat(16_000));
+            }
+            4 if i % 100 == 4 => {
+                // Just over it.
+                d.insert("blob", "x".repeat(16_500));
+                bad += 1;
+                docs.push(d);
+                continue;
+            }
+            5 if i % 100 == 5 => {
+                d.remove("reading_id");
+                bad += 1;
+                docs.push(d);
+                continue;
+            }
+            6 if i % 100 == 6 => {
+                d.insert("reading_id", doc! { "not": "an id" });
+                bad += 1;
+                docs.push(d);
+                continue;
+            }
+            7 if i % 100 == 7 => {
+                d.insert("timestamp", "the day before yesterday");
+                bad += 1;
+                docs.push(d);
+                continue;
+            }
+            _ => {}
+        }
+        good.insert(format!("r-{i:06}"));
+        docs.push(d);
+    }
+    (docs, good, bad)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_thousand_mixed_documents_load_exactly_once_and_bad_ones_are_quarantined() {
+    let mongo = MongoServer::start().await;
+    let client = mongo.client().await;
+    let db = TestDb::new().await;
+    let (docs, good, bad) = mixed_documents();
+    insert(&client, docs).await;
+
+    let spec = spec(
+        &mongo.uri,
+        "source_id_field = \"reading_id\"\noccurred_at_field = \"timestamp\"\nmax_document_bytes = 16384\n\
+         rename = { value = \"reading\" }",
+    );
+    let job = sync_job(&spec, &db.store);
+    let outcome = job.run(ctx()).await.unwrap();
+    assert_eq!(
+        outcome,
+        RunOutcome::Completed {
+            items: Some(good.len() as u64)
+        }
+    );
+
+    // Every good document exactly once.
+    let ids: Vec<String> = sqlx::query_scalar("SELECT source_id FROM reading_analytics")
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), good.len());
+    assert_eq!(ids.into_iter().collect::<HashSet<_>>(), good);
+
+    // Every bad one marked failed with a reason, and in sync_rejects.
+    let all = statuses(&client).await;
+    let failed: Vec<&Document> = all
+        .iter()
+        .filter(|d| d.get_str("status") == Ok("failed"))
+        .collect();
+    let processed = all
+        .iter()
+        .filter(|d| d.get_str("status") == Ok("processed"))
+        .count();
+    assert_eq!(failed.len(), bad);
+    assert_eq!(processed, good.len());
+    assert_eq!(processed + failed.len(), 10_000, "nothing left pending");
+    assert!(
+        failed
+            .iter()
+            .all(|d| d.get_str("sync_error").is_ok_and(|e| !e.is_empty()))
+    );
+    for d in all
+        .iter()
+        .filter(|d| d.get_str("status") == Ok("processed"))
+    {
+        // mongod keeps the Date vigil sets; nx-27017 turns a `$set` date into text.
+        assert!(
+            matches!(
+                d.get("processed_at"),
+                Some(Bson::DateTime(_) | Bson::String(_))
+            ),
+            "processed_at: {:?}",
+            d.get("processed_at")
+        );
+    }
+    let rejects: Vec<(String, String, Option<serde_json::Value>)> = sqlx::query_as(
+        "SELECT mongo_id, error, document FROM sync_rejects WHERE job = 'reading-sync'",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(rejects.len(), bad);
+    let errors: Vec<&str> = rejects.iter().map(|r| r.1.as_str()).collect();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("over max_document_bytes = 16384")),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains("no `reading_id` field")),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains("source id must be")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("`timestamp`") && e.contains("RFC 3339")),
+        "{errors:?}"
+    );
+    assert!(
+        rejects.iter().all(|r| r.2.is_some()),
+        "rejected documents are kept as JSON"
+    );
+
+    // The transform, read back.
+    let (payload, occurred): (serde_json::Value, Option<chrono::DateTime<chrono::Utc>>) =
+        sqlx::query_as(
+            "SELECT payload, occurred_at FROM reading_analytics WHERE source_id = 'r-000020'",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        payload["int64_big"],
+        serde_json::json!(((1i64 << 62) + 20).to_string())
+    );
+    assert_eq!(payload["int64_small"], serde_json::json!(20i64 << 20));
+    assert_eq!(payload["bin"], serde_json::json!("AQIDFA=="));
+    assert_eq!(payload["dotted.key"], "kept as written");
+    assert_eq!(payload["list"], serde_json::json!([1, "two", {"three": 3}]));
+    assert_eq!(
+        payload["reading"],
+        serde_json::json!(5.0),
+        "renamed from value"
+    );
+    assert!(payload.get("value").is_none());
+    assert!(
+        payload.get("status").is_none(),
+        "the status field is dropped by default"
+    );
+    assert_eq!(payload["timestamp"], "2026-01-01T00:00:20.000Z");
+    assert_eq!(occurred.unwrap().to_rfc3339(), "2026-01-01T00:00:20+00:00");
+    let (note,): (serde_json::Value,) = sqlx::query_as(
+        "SELECT payload -> 'note' FROM reading_analytics WHERE source_id = 'r-000021'",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(note, "température élevée ✓ — 温度 🌡️");
+
+    // A second run finds nothing pending.
+    assert_eq!(
+        job.run(ctx()).await.unwrap(),
+        RunOutcome::Completed { items: Some(0) }
+    );
+    assert_eq!(rows(&db).await, good.len() as i64);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_between_commit_and_mark_leaves_no_duplicate_after_the_rerun() {
+    let mongo = MongoServer::start().await;
+    let client = mongo.client().await;
+    let db = TestDb::new().await;
+    insert(&client, (0..1000).map(reading).collect()).await;
+    let spec = spec(
+        &mongo.uri,
+        "source_id_field = \"reading_id\"\nbatch_size = 300",
+    );
+    let job = sync_job(&spec, &db.store);
+
+    job.inject_fault(Fault::CrashAfterCommit);
+    let err = job.run(ctx()).await.unwrap_err().to_string();
+    assert!(err.contains("injected crash"), "{err}");
+    // The first batch is committed, but nothing is marked.
+    assert_eq!(rows(&db).await, 300);
+    let pending = statuses(&client)
+        .await
+        .iter()
+        .filter(|d| d.get_str("status") == Ok("ingested"))
+        .count();
+    assert_eq!(pending, 1000);
+
+    assert_eq!(
+        job.run(ctx()).await.unwrap(),
+        RunOutcome::Completed { items: Some(1000) }
+    );
+    assert_eq!(rows(&db).await, 1000, "no duplicates");
+    let distinct: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT source_id) FROM reading_analytics")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(distinct, 1000);
+    assert!(
+        statuses(&client)
+            .await
+            .iter()
+            .all(|d| d.get_str("status") == Ok("processed"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_runs_at_once_one_is_skipped_and_nothing_is_processed_twice() {
+    let mongo = MongoServer::start().await;
+    let client = mongo.client().await;
+    let db = TestDb::new().await;
+    insert(&client, (0..3000).map(reading).collect()).await;
+    let spec = spec(
+        &mongo.uri,
+        "source_id_field = \"reading_id\"\nbatch_size = 100",
+    );
+    // Two instances, as two replicas (or a trigger racing a schedule) would have.
+    let a = sync_job(&spec, &db.store);
+    let b = sync_job(&spec, &db.store);
+    let (ra, rb) = tokio::join!(a.run(ctx()), b.run(ctx()));
+    let outcomes = [ra.unwrap(), rb.unwrap()];
+    let skipped = outcomes
+        .iter()
+        .filter(|o| matches!(o, RunOutcome::Skipped { .. }))
+        .count();
+    assert_eq!(skipped, 1, "{outcomes:?}");
+    assert!(
+        outcomes.contains(&RunOutcome::Completed { items: Some(3000) }),
+        "{outcomes:?}"
+    );
+    if let Some(RunOutcome::Skipped { reason }) = outcomes
+        .iter()
+        .find(|o| matches!(o, RunOutcome::Skipped { .. }))
+    {
+        assert!(reason.contains("holds its lock"), "{reason}");
+    }
+    assert_eq!(rows(&db).await, 3000);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn documents_inserted_during_a_run_are_processed_by_the_end_of_the_next() {
+    let mongo = MongoServer::start().await;
+    let client = mongo.client().await;
+    let db = TestDb::new().await;
+    insert(&client, (0..3000).map(reading).collect()).await;
+    let spec = spec(
+        &mongo.uri,
+        "source_id_field = \"reading_id\"\nbatch_size = 100",
+    );
+    let job = Arc::new(sync_job(&spec, &db.store));
+    let running = {
+        let job = job.clone();
+        tokio::spawn(async move { job.run(ctx()).await })
+    };
+    // Meanwhile, more arrive.
+    for chunk in 0..10 {
+        insert(
+            &client,
+            (3000 + chunk * 100..3100 + chunk * 100)
+                .map(reading)
+                .collect(),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    running.await.unwrap().unwrap();
+    job.run(ctx()).await.unwrap();
+    assert_eq!(rows(&db).await, 4000);
+    assert!(
+        statuses(&client)
+            .await
+            .iter()
+            .all(|d| d.get_str("status") == Ok("processed"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mongodb_down_fails_the_run_clearly_marks_nothing_and_is_retried() {
+    let db = TestDb::new().await;
+    // Nothing listens on this port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let uri = format!("mongodb://127.0.0.1:{port}");
+    let spec = {
+        let text = format!(
+            "[[jobs]]\nname = \"reading-sync\"\nkind = \"mongo_sync\"\nevery = \"1h\"\n\
+             retries = {{ max_attempts = 2, initial_backoff = \"100ms\" }}\n\
+             [jobs.settings]\nuri = \"{uri}\"\ndatabase = \"obs\"\ncollection = \"readings\"\n"
+        );
+        config::parse_jobs(Path::new("t.toml"), &text)
+            .unwrap()
+            .jobs
+            .remove(0)
+    };
+    let job = jobs::build(
+        &spec,
+        &Deps {
+            store: db.store.clone(),
+            host: "h".into(),
+            metrics: Default::default(),
+            mongo_uri: None,
+        },
+    )
+    .unwrap();
+    let scheduler = Scheduler::new(
+        Ledger::start(
+            db.store.clone(),
+            ledger::DEFAULT_CAPACITY,
+            Default::default(),
+        ),
+        "h",
+    )
+    .await
+    .unwrap();
+    scheduler.add(spec, job).await.unwrap();
+    let result = scheduler
+        .trigger("reading-sync", false)
+        .unwrap()
+        .finished()
+        .await;
+    assert_eq!(result.status, RunStatus::Failed);
+    assert_eq!(result.attempts, 2, "retried per the job's policy");
+    let error = result.error.unwrap();
+    assert!(
+        error.contains("MongoDB") && error.contains(&format!("127.0.0.1:{port}")),
+        "{error}"
+    );
+    assert_eq!(rows(&db).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_down_fails_the_run_and_marks_nothing() {
+    let mongo = MongoServer::start().await;
+    let client = mongo.client().await;
+    insert(&client, (0..10).map(reading).collect()).await;
+    let nowhere = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+        .unwrap();
+    let spec = spec(&mongo.uri, "source_id_field = \"reading_id\"");
+    let job = sync_job(&spec, &Store::from_pool(nowhere));
+    let err = job.run(ctx()).await.unwrap_err().to_string();
+    assert!(err.contains("PostgreSQL"), "{err}");
+    assert!(
+        statuses(&client)
+            .await
+            .iter()
+            .all(|d| d.get_str("status") == Ok("ingested"))
+    );
+}
