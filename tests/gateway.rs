@@ -638,3 +638,33 @@ async fn triggers_during_shutdown_are_503() {
     stopping.await.unwrap();
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sync_reading_loads_mongodb_documents_then_api_reading_serves_them() {
+    let mongo = common::MongoServer::start().await;
+    let client = mongo.client().await;
+    let docs: Vec<mongodb::bson::Document> = (0..50)
+        .map(|i| mongodb::bson::doc! { "status": "ingested", "sensor": "probe-1", "value": i })
+        .collect();
+    client
+        .database("observability")
+        .collection::<mongodb::bson::Document>("readings")
+        .insert_many(docs)
+        .await
+        .unwrap();
+    let jobs = "[[jobs]]\nname = \"reading-sync\"\nkind = \"mongo_sync\"\nevery = \"1h\"\n\
+                [jobs.settings]\ndatabase = \"observability\"\ncollection = \"readings\"\n";
+    let t = TestApp::spawn_with(jobs, &[("MONGO_URI", &mongo.uri)]).await;
+    let r = t.post("/api/sync/reading").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "succeeded", "{body}");
+    assert_eq!(body["items"], 50);
+    let (s, page) = t.get("/api/reading?limit=1000").await;
+    assert_eq!(s, StatusCode::OK);
+    let readings = page["readings"].as_array().unwrap();
+    assert_eq!(readings.len(), 50);
+    assert_eq!(readings[0]["payload"]["sensor"], "probe-1");
+    assert!(readings[0]["payload"].get("status").is_none());
+    t.stop().await;
+}
