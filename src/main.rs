@@ -7,6 +7,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use vigil::config::{self, Environment};
 use vigil::store::RunStatus;
+use vigil::telemetry::loki::LokiOptions;
+use vigil::telemetry::metrics::Metrics;
 use vigil::{app, telemetry};
 
 /// Turns a declarative jobs.toml into scheduled jobs whose results land in PostgreSQL.
@@ -96,16 +98,38 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run => telemetry::LogTarget::Stdout,
         _ => telemetry::LogTarget::Stderr,
     };
-    telemetry::init(&telemetry::LogOptions::from_env(&env, log_target)?)?;
+    let metrics = Metrics::new();
+    // Only the long-running command ships to Loki; one-shot commands log to stderr.
+    let loki = match (&command, &config.settings.loki_url) {
+        (Command::Run, Some(url)) => Some(LokiOptions {
+            push_url: LokiOptions::push_url(url),
+            labels: [
+                ("service".to_owned(), "vigil".to_owned()),
+                ("host".to_owned(), config.settings.host.clone()),
+            ]
+            .into_iter()
+            .chain(config.settings.loki_labels.iter().cloned())
+            .collect(),
+            max_buffer_bytes: config.settings.loki_max_buffer,
+            request_timeout: LokiOptions::DEFAULT_REQUEST_TIMEOUT,
+            batch_wait: LokiOptions::DEFAULT_BATCH_WAIT,
+        }),
+        _ => None,
+    };
+    let telemetry = telemetry::init(
+        &telemetry::LogOptions::from_env(&env, log_target)?,
+        loki,
+        &metrics,
+    )?;
     // tokio-cron-scheduler needs the multi-threaded runtime.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         match command {
             Command::Run => {
-                app::run(config, shutdown_signal()).await?;
+                app::run(config, metrics, shutdown_signal()).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Trigger { job, force } => {
@@ -124,8 +148,14 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Command::Check | Command::Jobs => Ok(ExitCode::SUCCESS),
         }
-    })
+    });
+    // Last: logs written during shutdown still reach Loki.
+    telemetry.shutdown(LOKI_FLUSH);
+    result
 }
+
+/// How long exit waits for Loki to take the last queued log events.
+const LOKI_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Resolves on SIGINT or SIGTERM.
 async fn shutdown_signal() {

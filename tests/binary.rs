@@ -86,7 +86,9 @@ command = ["sh", "-c", "echo hello from the job"]
         })
     })
     .await;
-    let body: serde_json::Value = reqwest::get(format!("http://{address}/"))
+    let body: serde_json::Value = common::http()
+        .get(format!("http://{address}/"))
+        .send()
         .await
         .unwrap()
         .json()
@@ -119,14 +121,21 @@ command = ["sh", "-c", "echo hello from the job"]
     for line in &lines {
         let v: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-        for field in ["timestamp", "level", "target"] {
+        for field in ["ts", "level", "target", "message"] {
             assert!(v.get(field).is_some(), "{field} missing: {line}");
         }
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(v["ts"].as_str().unwrap()).is_ok(),
+            "{line}"
+        );
         if v["message"] == "hello from the job" {
             saw_job_output = true;
-            let span = &v["spans"][0];
-            assert_eq!(span["job"], "hello", "{line}");
-            assert!(span["run_id"].is_string(), "{line}");
+            // The run's span fields, flattened into the line.
+            assert_eq!(v["job"], "hello", "{line}");
+            assert!(v["run_id"].is_string(), "{line}");
+            assert_eq!(v["attempt"], 1, "{line}");
+            assert_eq!(v["trigger"], "schedule", "{line}");
+            assert_eq!(v["stream"], "stdout", "{line}");
         }
         if v["message"] == "request" && v["path"] == "/" {
             saw_request = true;

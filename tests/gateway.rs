@@ -79,7 +79,7 @@ impl TestApp {
             db,
             app: Some(app),
             base,
-            http: reqwest::Client::new(),
+            http: common::http(),
         }
     }
 
@@ -157,7 +157,9 @@ async fn readiness_names_what_is_wrong() {
     let gw = Gateway::start(state, "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    let r = reqwest::get(format!("http://{}/readyz", gw.local_addr))
+    let r = common::http()
+        .get(format!("http://{}/readyz", gw.local_addr))
+        .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -170,7 +172,9 @@ async fn readiness_names_what_is_wrong() {
     );
     assert_eq!(body["checks"]["scheduler"], "scheduler not running");
     // Reads that need the database say so with 503, not 500.
-    let r = reqwest::get(format!("http://{}/api/reading", gw.local_addr))
+    let r = common::http()
+        .get(format!("http://{}/api/reading", gw.local_addr))
+        .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -609,7 +613,11 @@ async fn a_panicking_handler_is_a_500_and_the_server_keeps_serving() {
     let gw = Gateway::start_with(state, addr, handler).await.unwrap();
     let base = format!("http://{}", gw.local_addr);
     for _ in 0..3 {
-        let r = reqwest::get(format!("{base}/api/jobs")).await.unwrap();
+        let r = common::http()
+            .get(format!("{base}/api/jobs"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["error"], "internal");
@@ -617,7 +625,11 @@ async fn a_panicking_handler_is_a_500_and_the_server_keeps_serving() {
             !body["message"].as_str().unwrap().contains("handler bug"),
             "no internals leak"
         );
-        let r = reqwest::get(format!("{base}/healthz")).await.unwrap();
+        let r = common::http()
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::OK);
     }
     gw.stop().await;

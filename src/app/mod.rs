@@ -127,6 +127,15 @@ impl App {
     /// Migrates, marks this host's orphaned runs `abandoned`, starts the scheduler and
     /// the gateway.
     pub async fn start(config: &Config, store: &Store) -> Result<Self, AppError> {
+        Self::start_with(config, store, Metrics::new()).await
+    }
+
+    /// Like [`App::start`], recording into `metrics` (shared with telemetry).
+    pub async fn start_with(
+        config: &Config,
+        store: &Store,
+        metrics: Metrics,
+    ) -> Result<Self, AppError> {
         store.migrate().await?;
         let host = &config.settings.host;
         let abandoned = store
@@ -135,7 +144,6 @@ impl App {
         if abandoned > 0 {
             tracing::warn!(runs = abandoned, %host, "marked runs left running by an earlier start as abandoned");
         }
-        let metrics = Metrics::new();
         let scheduler = scheduler(config, store, &metrics).await?;
         scheduler.start().await?;
         let state = gateway::State {
@@ -186,9 +194,13 @@ impl App {
 }
 
 /// `vigil run`: serves until `shutdown` resolves, then stops gracefully.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+pub async fn run(
+    config: Config,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AppError> {
     let db = Database::open(&config.settings).await?;
-    let result = match App::start(&config, &db.store).await {
+    let result = match App::start_with(&config, &db.store, metrics).await {
         Ok(app) => {
             shutdown.await;
             app.stop().await;

@@ -198,6 +198,10 @@ pub struct Settings {
     pub api_reads_open: bool,
     /// The job `/api/sync/reading` runs.
     pub reading_sync_job: String,
+    /// Extra static Loki labels, beside `service`, `host`, `level` and `job`.
+    pub loki_labels: Vec<(String, String)>,
+    /// Most bytes of log events held for Loki.
+    pub loki_max_buffer: usize,
 }
 
 /// One setting: its key in `[runner]` (if settable there) and its variable.
@@ -289,6 +293,16 @@ const KEYS: &[Key] = &[
         var: "VIGIL_PG_BIN_DIR",
     },
     Key {
+        name: "loki_labels",
+        in_runner: true,
+        var: "VIGIL_LOKI_LABELS",
+    },
+    Key {
+        name: "loki_max_buffer",
+        in_runner: true,
+        var: "VIGIL_LOKI_MAX_BUFFER",
+    },
+    Key {
         name: "api_token",
         in_runner: false,
         var: "VIGIL_API_TOKEN",
@@ -330,6 +344,8 @@ mod defaults {
     pub const API_READS_OPEN: bool = true;
     /// The seed's reading sync job.
     pub const READING_SYNC_JOB: &str = "reading-sync";
+    /// Tens of thousands of events: a few minutes of a busy runner's logs.
+    pub const LOKI_MAX_BUFFER: &str = "8MiB";
 }
 
 /// The `[runner]` table as a `config` source, each value carrying its file position.
@@ -447,6 +463,7 @@ impl Settings {
             .and_then(|b| b.set_default("db_connect_timeout", defaults::DB_CONNECT_TIMEOUT))
             .and_then(|b| b.set_default("api_reads_open", defaults::API_READS_OPEN))
             .and_then(|b| b.set_default("reading_sync_job", defaults::READING_SYNC_JOB))
+            .and_then(|b| b.set_default("loki_max_buffer", defaults::LOKI_MAX_BUFFER))
             .map(|b| {
                 b.add_source(RunnerSource(runner_entries))
                     .add_source(EnvSource(env_entries))
@@ -491,6 +508,24 @@ impl Settings {
         let api_token = r.string("api_token").map(Secret::new);
         let api_reads_open = r.parsed("api_reads_open", "true or false", parse_bool);
         let reading_sync_job = r.string("reading_sync_job");
+        let loki_labels = r.parsed(
+            "loki_labels",
+            "comma-separated name=value pairs (names: letters, digits, '_'; not service, host, level or job)",
+            parse_labels,
+        );
+        let loki_max_buffer = r.parsed(
+            "loki_max_buffer",
+            "a size such as 8MiB, 512KiB or 1048576 (bytes), at least 64KiB",
+            |s| parse_bytes(s).filter(|b| *b >= 64 << 10),
+        );
+        if let Some(url) = r.string("loki_url")
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            r.problem(
+                "loki_url",
+                "loki_url: expected an http:// or https:// URL".into(),
+            );
+        }
 
         if !diags.is_empty() {
             return Err(Diagnostics(diags));
@@ -504,6 +539,7 @@ impl Settings {
             db_connect_timeout,
             api_reads_open,
             reading_sync_job,
+            loki_max_buffer,
         ) {
             (
                 Some(port),
@@ -514,6 +550,7 @@ impl Settings {
                 Some(db_connect_timeout),
                 Some(api_reads_open),
                 Some(reading_sync_job),
+                Some(loki_max_buffer),
             ) => Ok(Settings {
                 database,
                 port,
@@ -529,6 +566,8 @@ impl Settings {
                 api_token,
                 api_reads_open,
                 reading_sync_job,
+                loki_labels: loki_labels.unwrap_or_default(),
+                loki_max_buffer,
             }),
             // Unreachable in practice: every `None` above pushed a diagnostic.
             _ => Err(Diagnostics(vec![Diagnostic {
@@ -636,6 +675,41 @@ impl Reader<'_> {
     }
 }
 
+/// `env=prod,region=eu-1` → pairs; empty gives none.
+fn parse_labels(s: &str) -> Option<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=')?;
+        let (k, v) = (k.trim(), v.trim());
+        let name_ok = k
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !["service", "host", "level", "job"].contains(&k);
+        if !name_ok || v.is_empty() {
+            return None;
+        }
+        out.push((k.to_owned(), v.to_owned()));
+    }
+    Some(out)
+}
+
+/// `8MiB`, `512KiB`, `1GiB`, `1048576` → bytes.
+fn parse_bytes(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: usize = digits.parse().ok()?;
+    let factor = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "KB" => 1 << 10,
+        "MiB" | "M" | "MB" => 1 << 20,
+        "GiB" | "G" | "GB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(factor)
+}
+
 fn parse_bool(s: &str) -> Option<bool> {
     match s.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Some(true),
@@ -734,6 +808,40 @@ mod tests {
         let dump = format!("{s:?}");
         assert!(!dump.contains("pw@") && !dump.contains("t0k3n"), "{dump}");
         assert_eq!(s.api_token.unwrap().expose(), "t0k3n");
+    }
+
+    #[test]
+    fn loki_labels_and_buffer_sizes_are_parsed_and_checked() {
+        let env = Environment::from_pairs([
+            ("VIGIL_LOKI_LABELS", "env=prod, region = eu-1"),
+            ("VIGIL_LOKI_MAX_BUFFER", "2MiB"),
+        ]);
+        let s = Settings::load(&[], &env).unwrap();
+        assert_eq!(
+            s.loki_labels,
+            vec![
+                ("env".into(), "prod".into()),
+                ("region".into(), "eu-1".into())
+            ]
+        );
+        assert_eq!(s.loki_max_buffer, 2 << 20);
+        assert_eq!(
+            Settings::load(&[], &Environment::default())
+                .unwrap()
+                .loki_max_buffer,
+            8 << 20
+        );
+        for (var, bad) in [
+            ("VIGIL_LOKI_LABELS", "job=x"),
+            ("VIGIL_LOKI_LABELS", "1x=y"),
+            ("VIGIL_LOKI_LABELS", "novalue"),
+            ("VIGIL_LOKI_MAX_BUFFER", "lots"),
+            ("VIGIL_LOKI_MAX_BUFFER", "1KiB"),
+            ("LOKI_URL", "loki:3100"),
+        ] {
+            let err = Settings::load(&[], &Environment::from_pairs([(var, bad)]));
+            assert!(err.is_err(), "{var}={bad} accepted");
+        }
     }
 
     #[test]

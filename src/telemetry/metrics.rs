@@ -65,6 +65,7 @@ pub struct Inner {
     pub ledger_queued: Gauge,
     pub ledger_dropped: Counter,
     pub loki_dropped: Counter,
+    pub loki_events: Counter,
 }
 
 /// The registry and every metric in it. Cheap to clone.
@@ -158,8 +159,14 @@ impl Metrics {
         let loki_dropped = Counter::default();
         registry.register(
             "loki_dropped",
-            "Log events that could not be delivered to Loki",
+            "Log events that could not be delivered to Loki (queue full, rejected, or left at shutdown)",
             loki_dropped.clone(),
+        );
+        let loki_events = Counter::default();
+        registry.register(
+            "loki_events",
+            "Log events handed to the Loki shipper",
+            loki_events.clone(),
         );
         Self(Arc::new(Inner {
             registry,
@@ -174,6 +181,7 @@ impl Metrics {
             ledger_queued,
             ledger_dropped,
             loki_dropped,
+            loki_events,
         }))
     }
 

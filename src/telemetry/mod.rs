@@ -1,5 +1,8 @@
-//! Logging (readable text on a terminal, JSON lines otherwise) and vigil's own metrics.
+//! Logging (readable text on a terminal, JSON lines otherwise, and Loki when
+//! `LOKI_URL` is set) and vigil's own metrics.
 
+mod json;
+pub mod loki;
 pub mod metrics;
 
 use std::io::IsTerminal as _;
@@ -30,6 +33,8 @@ pub enum TelemetryError {
     },
     #[error("a logger is already installed")]
     AlreadyInstalled,
+    #[error("{0}")]
+    Loki(String),
 }
 
 /// Where log lines go.
@@ -98,36 +103,79 @@ impl LogOptions {
     }
 }
 
-/// Installs the global subscriber.
-pub fn init(options: &LogOptions) -> Result<(), TelemetryError> {
+/// What `init` installed; shut it down last, to flush what Loki has not received.
+#[derive(Default)]
+pub struct Telemetry {
+    pub loki: Option<loki::LokiHandle>,
+}
+
+impl Telemetry {
+    /// Flushes queued Loki events, waiting at most `wait`.
+    pub fn shutdown(self, wait: std::time::Duration) {
+        if let Some(loki) = self.loki {
+            loki.shutdown(wait);
+        }
+    }
+}
+
+/// Installs the global subscriber: the level filter, stdout (text or JSON lines) and,
+/// with `loki`, direct shipping whose drops count in `loki_dropped`.
+pub fn init(
+    options: &LogOptions,
+    loki: Option<loki::LokiOptions>,
+    metrics: &metrics::Metrics,
+) -> Result<Telemetry, TelemetryError> {
     let filter = EnvFilter::try_new(&options.filter).map_err(|_| TelemetryError::BadVar {
         var: "VIGIL_LOG",
         value: options.filter.clone(),
         expected: "a tracing filter",
     })?;
-    let writer = match options.target {
-        LogTarget::Stdout => BoxMakeWriter::new(std::io::stdout),
-        LogTarget::Stderr => BoxMakeWriter::new(std::io::stderr),
+    let (loki_sink, loki_handle) = match loki {
+        Some(o) => {
+            let (sink, handle) =
+                loki::start(o, metrics).map_err(|e| TelemetryError::Loki(e.to_string()))?;
+            (Some(sink), Some(handle))
+        }
+        None => (None, None),
     };
-    let registry = tracing_subscriber::registry().with(filter);
-    let result = match options.format {
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false)
-                    .with_span_list(true)
-                    .with_writer(writer),
-            )
-            .try_init(),
-        LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(writer))
-            .try_init(),
-    };
-    result.map_err(|_| TelemetryError::AlreadyInstalled)?;
+    let text = (options.format == LogFormat::Text).then(|| {
+        let writer = match options.target {
+            LogTarget::Stdout => BoxMakeWriter::new(std::io::stdout),
+            LogTarget::Stderr => BoxMakeWriter::new(std::io::stderr),
+        };
+        tracing_subscriber::fmt::layer().with_writer(writer)
+    });
+    let stdout = (options.format == LogFormat::Json).then_some(options.target);
+    let sink = (stdout.is_some() || loki_sink.is_some()).then_some(json::EventSink {
+        stdout,
+        loki: loki_sink,
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(json::SpanFields)
+        .with(text)
+        .with(sink)
+        .try_init()
+        .map_err(|_| TelemetryError::AlreadyInstalled)?;
     install_panic_hook();
-    Ok(())
+    Ok(Telemetry { loki: loki_handle })
+}
+
+/// A subscriber that only ships to Loki, without touching the global one (tests,
+/// embedding).
+pub fn loki_subscriber(
+    options: loki::LokiOptions,
+    metrics: &metrics::Metrics,
+) -> Result<(impl tracing::Subscriber + Send + Sync, loki::LokiHandle), TelemetryError> {
+    let (sink, handle) =
+        loki::start(options, metrics).map_err(|e| TelemetryError::Loki(e.to_string()))?;
+    let subscriber = tracing_subscriber::registry()
+        .with(json::SpanFields)
+        .with(json::EventSink {
+            stdout: None,
+            loki: Some(sink),
+        });
+    Ok((subscriber, handle))
 }
 
 /// Panics become log events, inside whatever span (job, run) they happened in.
@@ -149,4 +197,45 @@ fn install_panic_hook() {
             previous(info);
         }
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(pairs: &[(&str, &str)]) -> Result<LogOptions, TelemetryError> {
+        LogOptions::from_env(
+            &Environment::from_pairs(pairs.iter().copied()),
+            LogTarget::Stdout,
+        )
+    }
+
+    #[test]
+    fn the_format_can_be_forced_and_a_bad_one_is_named() {
+        assert_eq!(
+            opts(&[("VIGIL_LOG_FORMAT", "json")]).unwrap().format,
+            LogFormat::Json
+        );
+        assert_eq!(
+            opts(&[("VIGIL_LOG_FORMAT", "text")]).unwrap().format,
+            LogFormat::Text
+        );
+        let err = opts(&[("VIGIL_LOG_FORMAT", "xml")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("VIGIL_LOG_FORMAT") && err.contains("xml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn vigil_log_wins_over_rust_log_and_bad_filters_are_named() {
+        let o = opts(&[("VIGIL_LOG", "debug"), ("RUST_LOG", "error")]).unwrap();
+        assert_eq!(o.filter, "debug");
+        assert_eq!(opts(&[("RUST_LOG", "error")]).unwrap().filter, "error");
+        assert_eq!(opts(&[]).unwrap().filter, DEFAULT_FILTER);
+        let err = opts(&[("RUST_LOG", "vigil=loud")]).unwrap_err().to_string();
+        assert!(err.contains("RUST_LOG"), "{err}");
+    }
 }

@@ -259,3 +259,10 @@ impl Drop for MongoServer {
         let _ = self.child.wait();
     }
 }
+
+/// An HTTP client for tests. reqwest is built without a bundled TLS provider (vigil
+/// installs ring's); install it here too, or building a client panics.
+pub fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
