@@ -54,6 +54,8 @@ pub enum DatabaseTarget {
         user: String,
         password: Option<Secret>,
         name: String,
+        /// libpq's sslmode: disable, allow, prefer, require, verify-ca, verify-full.
+        sslmode: Option<String>,
     },
 }
 
@@ -241,6 +243,11 @@ const KEYS: &[Key] = &[
         name: "db_name",
         in_runner: false,
         var: "DB_NAME",
+    },
+    Key {
+        name: "db_sslmode",
+        in_runner: false,
+        var: "DB_SSLMODE",
     },
     Key {
         name: "port",
@@ -649,7 +656,14 @@ impl Reader<'_> {
             }
             return Some(DatabaseTarget::Url(Secret::new(url)));
         }
-        let parts = ["db_host", "db_port", "db_user", "db_password", "db_name"];
+        let parts = [
+            "db_host",
+            "db_port",
+            "db_user",
+            "db_password",
+            "db_name",
+            "db_sslmode",
+        ];
         if !parts.iter().any(|k| self.origins.contains_key(k)) {
             return None;
         }
@@ -671,6 +685,22 @@ impl Reader<'_> {
             name: self
                 .string("db_name")
                 .unwrap_or_else(|| defaults::DB_NAME.into()),
+            sslmode: self.parsed(
+                "db_sslmode",
+                "disable, allow, prefer, require, verify-ca or verify-full",
+                |s| {
+                    [
+                        "disable",
+                        "allow",
+                        "prefer",
+                        "require",
+                        "verify-ca",
+                        "verify-full",
+                    ]
+                    .contains(&s)
+                    .then(|| s.to_owned())
+                },
+            ),
         })
     }
 }

@@ -62,16 +62,23 @@ impl Target {
                 user,
                 password,
                 name,
+                sslmode,
             } => {
-                let o = PgConnectOptions::new()
+                let mut o = PgConnectOptions::new()
                     .host(host)
                     .port(*port)
                     .username(user)
                     .database(name);
-                match password {
-                    Some(p) => o.password(p.expose()),
-                    None => o,
+                if let Some(p) = password {
+                    o = o.password(p.expose());
                 }
+                if let Some(mode) = sslmode {
+                    // Checked against the list in `config`: always one sqlx knows.
+                    if let Ok(mode) = mode.parse::<sqlx::postgres::PgSslMode>() {
+                        o = o.ssl_mode(mode);
+                    }
+                }
+                o
             }
         };
         Ok(Self {
