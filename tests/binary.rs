@@ -419,3 +419,100 @@ async fn unreachable_database_fails_start_up_with_a_clear_error() {
     );
     assert!(!stderr.contains("secret"), "password leaked: {stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_the_jobs_file_and_logs_every_problem_of_a_bad_one() {
+    let db = TestDb::new().await;
+    let dir = tempdir();
+    let first = r#"
+[[jobs]]
+name = "steady"
+kind = "command"
+every = "1h"
+[jobs.settings]
+command = ["true"]
+"#;
+    let path = write(dir.path(), "jobs.toml", first);
+    let mut child = Running(
+        vigil(
+            dir.path(),
+            &["run"],
+            &[
+                ("DATABASE_URL", &db.url),
+                ("VIGIL_HOST", "hup"),
+                ("PORT", "0"),
+                // Only the signal may reload here.
+                ("VIGIL_WATCH_CONFIG", "false"),
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    let lines = collect_lines(child.0.stdout.take().unwrap());
+    let logged = |message: &'static str| {
+        let lines = lines.clone();
+        move || {
+            let lines = lines.clone();
+            async move {
+                let found: Vec<serde_json::Value> = lines
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .filter(|v| v["message"] == message)
+                    .collect();
+                (!found.is_empty()).then_some(found)
+            }
+        }
+    };
+    eventually(Duration::from_secs(20), "start-up", logged("vigil started")).await;
+
+    std::fs::write(
+        &path,
+        format!("{first}\n[[jobs]]\nname = \"Bad Name\"\nkind = \"command\"\nevery = \"1s\"\n[jobs.settings]\ncommand = []\n"),
+    )
+    .unwrap();
+    child.signal(Signal::SIGHUP);
+    let problems = eventually(
+        Duration::from_secs(10),
+        "the rejection to be logged",
+        logged("jobs file rejected"),
+    )
+    .await;
+    let texts: Vec<&str> = problems
+        .iter()
+        .filter_map(|v| v["problem"].as_str())
+        .collect();
+    assert_eq!(texts.len(), 2, "{problems:?}");
+    assert!(
+        texts[0].starts_with("jobs.toml:10:8: job \"Bad Name\""),
+        "{texts:?}"
+    );
+    assert!(
+        texts[1].starts_with("jobs.toml:14:11: job \"Bad Name\" settings"),
+        "{texts:?}"
+    );
+    assert!(problems.iter().all(|v| v["level"] == "error"));
+
+    let second = format!(
+        "{first}\n[[jobs]]\nname = \"added\"\nkind = \"command\"\nevery = \"1s\"\n[jobs.settings]\ncommand = [\"true\"]\n"
+    );
+    std::fs::write(&path, second).unwrap();
+    child.signal(Signal::SIGHUP);
+    eventually(Duration::from_secs(10), "the added job to run", || async {
+        let ok = sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM job_runs WHERE job = 'added' AND status = 'succeeded'",
+        )
+        .fetch_one(db.pool())
+        .await
+        .ok()?;
+        (ok >= 1).then_some(())
+    })
+    .await;
+    // SIGHUP reloads; it does not stop vigil.
+    assert!(child.0.try_wait().unwrap().is_none(), "still running");
+    child.signal(Signal::SIGTERM);
+    assert!(child.wait_exit(Duration::from_secs(15)).is_some());
+}

@@ -53,13 +53,33 @@ fn check_accepts_the_shipped_jobs_file_and_prints_three_fire_times_per_job() {
     );
 }
 
+#[test]
+fn the_compose_stacks_jobs_files_pass_check() {
+    for (file, jobs) in [
+        (
+            "docker/vigil/jobs.toml",
+            &["reading-sync", "prune-run-history"][..],
+        ),
+        ("docker/host-metrics.toml", &["host-metrics"][..]),
+    ] {
+        let (code, stdout, stderr) = check(file);
+        assert_eq!(code, 0, "{file}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+        for job in jobs {
+            assert!(
+                stdout.lines().any(|l| l.starts_with(job)),
+                "{file}: {job} missing:\n{stdout}"
+            );
+        }
+    }
+}
+
 /// Each bad fixture fails with exactly this message (and nothing else).
 #[test]
 fn check_rejects_each_bad_fixture_with_a_located_message() {
     let cases: &[(&str, &str)] = &[
         (
             "unknown_key",
-            "tests/fixtures/bad/unknown_key.toml:5:1: job \"prune\": unknown field `cronn`, expected one of `name`, `kind`, `cron`, `timezone`, `every`, `enabled`, `timeout`, `retries`, `overlap`, `catch_up`, `settings`",
+            "tests/fixtures/bad/unknown_key.toml:5:1: job \"prune\": unknown field `cronn`, expected one of `name`, `kind`, `cron`, `timezone`, `every`, `enabled`, `timeout`, `retries`, `overlap`, `catch_up`, `scope`, `settings`",
         ),
         (
             "both_schedules",

@@ -69,10 +69,20 @@ impl TestApp {
     async fn spawn_with(jobs: &str, env: &[(&str, &str)]) -> Self {
         let db = TestDb::new().await;
         let file = config::parse_jobs(Path::new("jobs.toml"), jobs).unwrap();
-        let mut vars: Vec<(&str, &str)> = vec![("PORT", "0"), ("VIGIL_HOST", "gw-test")];
+        // The file is not on disk: nothing to watch.
+        let mut vars: Vec<(&str, &str)> = vec![
+            ("PORT", "0"),
+            ("VIGIL_HOST", "gw-test"),
+            ("VIGIL_WATCH_CONFIG", "false"),
+        ];
         vars.extend_from_slice(env);
-        let settings = Settings::load(&file.runner, &Environment::from_pairs(vars)).unwrap();
-        let config = Config { file, settings };
+        let env = Environment::from_pairs(vars);
+        let settings = Settings::load(&file.runner, &env).unwrap();
+        let config = Config {
+            file,
+            settings,
+            env,
+        };
         let app = App::start(&config, &db.store).await.unwrap();
         let base = format!("http://{}", app.address());
         Self {
@@ -153,6 +163,7 @@ async fn readiness_names_what_is_wrong() {
         api_token: None,
         reads_open: true,
         reading_sync_job: "reading-sync".into(),
+        reload: None,
     };
     let gw = Gateway::start(state, "127.0.0.1:0".parse().unwrap())
         .await
@@ -600,6 +611,7 @@ async fn a_panicking_handler_is_a_500_and_the_server_keeps_serving() {
         api_token: None,
         reads_open: true,
         reading_sync_job: "reading-sync".into(),
+        reload: None,
     };
     let real = gateway::api_handler();
     let handler: gateway::Handler = Arc::new(move |state, route, req| {

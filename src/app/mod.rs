@@ -1,19 +1,24 @@
 //! Start-up and shutdown: turns a validated [`Config`] into a running vigil.
 
+pub mod reload;
 mod table;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Config, Settings};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Diagnostics, Settings};
 use crate::gateway::{self, Gateway};
-use crate::jobs::{self, Deps};
+use crate::jobs::Deps;
 use crate::scheduler::{Ledger, RunResult, Scheduler, SchedulerError, TriggerError, ledger};
 use crate::store::embedded::{self, EmbeddedError, EmbeddedPostgres};
 use crate::store::{Store, StoreError, Target};
 use crate::telemetry::metrics::Metrics;
 
+pub use reload::{Cause, Reloader};
 pub use table::{UPCOMING, jobs_table};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +31,8 @@ pub enum AppError {
     Scheduler(#[from] SchedulerError),
     #[error(transparent)]
     Trigger(#[from] TriggerError),
+    #[error("{0}")]
+    Jobs(Diagnostics),
     #[error("{0}")]
     Other(String),
 }
@@ -92,12 +99,13 @@ impl Database {
     }
 }
 
-/// Builds a scheduler holding every job of `config` (not started).
+/// Builds a scheduler holding every job of `config` (not started), and the reloader
+/// that put them there.
 pub async fn scheduler(
     config: &Config,
     store: &Store,
     metrics: &Metrics,
-) -> Result<Scheduler, AppError> {
+) -> Result<(Scheduler, Arc<Reloader>), AppError> {
     let ledger = Ledger::start(store.clone(), ledger::DEFAULT_CAPACITY, metrics.clone());
     let scheduler =
         Scheduler::with_metrics(ledger, config.settings.host.clone(), metrics.clone()).await?;
@@ -107,12 +115,12 @@ pub async fn scheduler(
         metrics: metrics.clone(),
         mongo_uri: config.settings.mongo_uri.clone(),
     };
-    for spec in &config.file.jobs {
-        let job = jobs::build(spec, &deps)
-            .map_err(|e| AppError::Other(format!("job \"{}\": {e}", spec.name)))?;
-        scheduler.add(spec.clone(), job).await?;
-    }
-    Ok(scheduler)
+    let reloader = Arc::new(Reloader::new(config, scheduler.clone(), deps));
+    reloader
+        .apply(config, Cause::Start)
+        .await
+        .map_err(AppError::Jobs)?;
+    Ok((scheduler, reloader))
 }
 
 /// A running vigil: scheduler and gateway over one database.
@@ -121,6 +129,8 @@ pub struct App {
     pub metrics: Metrics,
     gateway: Gateway,
     shutdown_grace: Duration,
+    /// Stops the reload triggers (file watch, SIGHUP).
+    reload_stop: CancellationToken,
 }
 
 impl App {
@@ -144,8 +154,10 @@ impl App {
         if abandoned > 0 {
             tracing::warn!(runs = abandoned, %host, "marked runs left running by an earlier start as abandoned");
         }
-        let scheduler = scheduler(config, store, &metrics).await?;
+        let (scheduler, reloader) = scheduler(config, store, &metrics).await?;
         scheduler.start().await?;
+        let reload_stop = CancellationToken::new();
+        reloader.spawn_triggers(config.settings.watch_config, reload_stop.clone());
         let state = gateway::State {
             scheduler: scheduler.clone(),
             store: store.clone(),
@@ -153,11 +165,13 @@ impl App {
             api_token: config.settings.api_token.clone(),
             reads_open: config.settings.api_reads_open,
             reading_sync_job: config.settings.reading_sync_job.clone(),
+            reload: Some(reloader),
         };
         let addr = SocketAddr::new(config.settings.bind, config.settings.port);
         let gateway = match Gateway::start(state, addr).await {
             Ok(g) => g,
             Err(e) => {
+                reload_stop.cancel();
                 scheduler.shutdown(config.settings.shutdown_grace).await;
                 return Err(AppError::Other(e.to_string()));
             }
@@ -175,6 +189,7 @@ impl App {
             metrics,
             gateway,
             shutdown_grace: config.settings.shutdown_grace,
+            reload_stop,
         })
     }
 
@@ -187,6 +202,7 @@ impl App {
     /// then closes the gateway.
     pub async fn stop(self) {
         tracing::info!(grace = ?self.shutdown_grace, "shutting down");
+        self.reload_stop.cancel();
         let report = self.scheduler.shutdown(self.shutdown_grace).await;
         tracing::info!(abandoned = report.abandoned, "scheduler stopped");
         self.gateway.stop().await;
@@ -217,7 +233,7 @@ pub async fn trigger(config: &Config, job: &str, force: bool) -> Result<RunResul
     let db = Database::open(&config.settings).await?;
     let result = async {
         db.store.migrate().await?;
-        let scheduler = scheduler(config, &db.store, &Metrics::new()).await?;
+        let (scheduler, _) = scheduler(config, &db.store, &Metrics::new()).await?;
         let mut handle = scheduler.trigger(job, force)?;
         let result = handle.finished().await;
         if let Err(e) = scheduler.ledger().flush(Duration::from_secs(30)).await {

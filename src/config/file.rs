@@ -13,7 +13,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use super::diagnostic::{Diagnostic, Diagnostics, Origin, SourceMap};
-use super::job::{CatchUp, JobSpec, Overlap, RetryConfig, RetryPolicy};
+use super::job::{CatchUp, JobSpec, Overlap, RetryConfig, RetryPolicy, Scope};
 use super::schedule::{CronExpr, MIN_EVERY, Schedule, TimeZone};
 use super::types::{HumanDuration, Slug};
 use crate::jobs::{JobKind, KindConfig};
@@ -32,6 +32,17 @@ pub struct JobsFile {
     pub path: PathBuf,
     pub runner: Vec<RunnerEntry>,
     pub jobs: Vec<JobSpec>,
+    /// Identifies the text this was read from, so a reload can tell whether the file
+    /// really changed (within one process only).
+    pub digest: u64,
+}
+
+/// The [`JobsFile::digest`] of `text`.
+pub fn digest(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
 }
 
 /// Reads and validates `path`. On failure the `[runner]` entries that could be read are
@@ -57,7 +68,8 @@ pub fn parse(path: &Path, text: &str) -> Result<JobsFile, Diagnostics> {
     parse_keeping_runner(path, text).map_err(|(d, _)| d)
 }
 
-fn parse_keeping_runner(
+/// Like [`parse`], also returning the `[runner]` entries that could be read on failure.
+pub fn parse_keeping_runner(
     path: &Path,
     text: &str,
 ) -> Result<JobsFile, (Diagnostics, Vec<RunnerEntry>)> {
@@ -130,6 +142,7 @@ fn parse_keeping_runner(
             path: path.to_path_buf(),
             runner,
             jobs,
+            digest: digest(text),
         })
     } else {
         diags.sort_by_key(|d| match &d.origin {
@@ -210,6 +223,7 @@ struct RawJob {
     overlap: Overlap,
     #[serde(default)]
     catch_up: CatchUp,
+    scope: Option<Scope>,
     /// Taken out before deserializing and parsed by the job's kind; declared so that
     /// unknown-key messages list it.
     #[serde(default, rename = "settings")]
@@ -344,6 +358,9 @@ fn parse_job(
             retries,
             overlap: raw.overlap,
             catch_up: raw.catch_up,
+            scope: raw
+                .scope
+                .unwrap_or_else(|| Scope::default_for(*raw.kind.get_ref())),
             settings: settings?,
         },
         raw.name.span(),

@@ -32,6 +32,34 @@ pub enum CatchUp {
     Once,
 }
 
+/// Where a job runs when several vigil replicas share one database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Once per firing across all replicas, and never two runs at once: the replica
+    /// that claims the firing runs it under a PostgreSQL advisory lock.
+    Cluster,
+    /// On every replica (host metrics).
+    Host,
+}
+
+impl Scope {
+    /// Host metrics describe each host; everything else is work done once.
+    pub fn default_for(kind: crate::jobs::JobKind) -> Self {
+        match kind {
+            crate::jobs::JobKind::SystemMetrics => Scope::Host,
+            _ => Scope::Cluster,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Cluster => "cluster",
+            Scope::Host => "host",
+        }
+    }
+}
+
 /// `retries = { max_attempts = 3, initial_backoff = "1s", max_backoff = "1m" }`
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,6 +134,7 @@ pub struct JobSpec {
     pub retries: RetryPolicy,
     pub overlap: Overlap,
     pub catch_up: CatchUp,
+    pub scope: Scope,
     pub settings: KindConfig,
 }
 

@@ -10,8 +10,8 @@ mod settings;
 mod types;
 
 pub use diagnostic::{Diagnostic, Diagnostics, Origin, SourceMap};
-pub use file::{JobsFile, RunnerEntry, Validate};
-pub use job::{CatchUp, JobSpec, Overlap, RetryConfig, RetryPolicy};
+pub use file::{JobsFile, RunnerEntry, Validate, digest};
+pub use job::{CatchUp, JobSpec, Overlap, RetryConfig, RetryPolicy, Scope};
 pub use schedule::{CronExpr, Schedule, TimeZone};
 pub use settings::{DatabaseTarget, Environment, Secret, Settings, redact_url};
 pub use types::{HumanDuration, Ident, Slug};
@@ -23,18 +23,35 @@ use std::path::Path;
 pub struct Config {
     pub file: JobsFile,
     pub settings: Settings,
+    /// The environment the settings were read from; a reload reads the file against it.
+    pub env: Environment,
 }
 
 /// Loads `jobs.toml` and the settings layered over it, reporting every problem at once.
 pub fn load(path: &Path, env: &Environment) -> Result<Config, Diagnostics> {
-    let file = file::load(path);
+    combine(file::load(path), env)
+}
+
+/// Like [`load`], with the file's contents already read (`text`, as if read from `path`).
+pub fn load_text(path: &Path, text: &str, env: &Environment) -> Result<Config, Diagnostics> {
+    combine(file::parse_keeping_runner(path, text), env)
+}
+
+fn combine(
+    file: Result<JobsFile, (Diagnostics, Vec<RunnerEntry>)>,
+    env: &Environment,
+) -> Result<Config, Diagnostics> {
     let runner = match &file {
         Ok(f) => f.runner.as_slice(),
         Err((_, runner)) => runner.as_slice(),
     };
     let settings = Settings::load(runner, env);
     match (file, settings) {
-        (Ok(file), Ok(settings)) => Ok(Config { file, settings }),
+        (Ok(file), Ok(settings)) => Ok(Config {
+            file,
+            settings,
+            env: env.clone(),
+        }),
         (file, settings) => {
             let mut all = Vec::new();
             if let Err(Diagnostics(d)) = settings {

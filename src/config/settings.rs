@@ -204,6 +204,8 @@ pub struct Settings {
     pub loki_labels: Vec<(String, String)>,
     /// Most bytes of log events held for Loki.
     pub loki_max_buffer: usize,
+    /// Whether `vigil run` reloads the jobs file when it changes on disk.
+    pub watch_config: bool,
 }
 
 /// One setting: its key in `[runner]` (if settable there) and its variable.
@@ -324,6 +326,11 @@ const KEYS: &[Key] = &[
         in_runner: true,
         var: "VIGIL_READING_SYNC_JOB",
     },
+    Key {
+        name: "watch_config",
+        in_runner: true,
+        var: "VIGIL_WATCH_CONFIG",
+    },
 ];
 
 /// `VIGIL_*` variables read elsewhere than this table (the CLI's own).
@@ -353,6 +360,9 @@ mod defaults {
     pub const READING_SYNC_JOB: &str = "reading-sync";
     /// Tens of thousands of events: a few minutes of a busy runner's logs.
     pub const LOKI_MAX_BUFFER: &str = "8MiB";
+    /// Editing jobs.toml is how operators change jobs; SIGHUP and the API stay
+    /// available where file events do not arrive (some network file systems).
+    pub const WATCH_CONFIG: bool = true;
 }
 
 /// The `[runner]` table as a `config` source, each value carrying its file position.
@@ -515,6 +525,7 @@ impl Settings {
         let api_token = r.string("api_token").map(Secret::new);
         let api_reads_open = r.parsed("api_reads_open", "true or false", parse_bool);
         let reading_sync_job = r.string("reading_sync_job");
+        let watch_config = r.parsed("watch_config", "true or false", parse_bool);
         let loki_labels = r.parsed(
             "loki_labels",
             "comma-separated name=value pairs (names: letters, digits, '_'; not service, host, level or job)",
@@ -575,6 +586,7 @@ impl Settings {
                 reading_sync_job,
                 loki_labels: loki_labels.unwrap_or_default(),
                 loki_max_buffer,
+                watch_config: watch_config.unwrap_or(defaults::WATCH_CONFIG),
             }),
             // Unreachable in practice: every `None` above pushed a diagnostic.
             _ => Err(Diagnostics(vec![Diagnostic {

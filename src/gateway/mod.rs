@@ -26,8 +26,8 @@ use tokio::sync::oneshot;
 use warp::Filter as _;
 use warp::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 
-use crate::config::Secret;
-use crate::scheduler::Scheduler;
+use crate::config::{Diagnostics, Secret};
+use crate::scheduler::{ApplyReport, Scheduler};
 use crate::store::Store;
 use crate::telemetry::metrics::{HttpLabels, Metrics, RouteLabels};
 pub use error::ApiError;
@@ -36,6 +36,13 @@ pub use routes::{Access, OPENAPI, ROUTES, Route};
 /// The API's handler, for wrapping in tests.
 pub fn api_handler() -> Handler {
     Arc::new(routes::handle)
+}
+
+/// Re-reads the jobs file and applies it (`POST /api/reload`). The app provides it:
+/// the gateway reads no files.
+pub trait Reload: Send + Sync {
+    fn reload(&self)
+    -> Pin<Box<dyn Future<Output = Result<ApplyReport, Diagnostics>> + Send + '_>>;
 }
 
 /// What handlers can reach.
@@ -47,6 +54,8 @@ pub struct State {
     pub api_token: Option<Secret>,
     pub reads_open: bool,
     pub reading_sync_job: String,
+    /// `None` where nothing can be reloaded (`POST /api/reload` answers 503).
+    pub reload: Option<Arc<dyn Reload>>,
 }
 
 /// A request as handlers see it.

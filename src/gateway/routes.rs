@@ -42,7 +42,7 @@ macro_rules! route {
 }
 
 /// Every route the gateway answers. The OpenAPI description is tested against it.
-pub static ROUTES: [Route; 13] = [
+pub static ROUTES: [Route; 14] = [
     route!(GET, "/", Read, []),
     route!(GET, "/healthz", Open, []),
     route!(GET, "/readyz", Open, []),
@@ -66,6 +66,7 @@ pub static ROUTES: [Route; 13] = [
         ["wait", "timeout", "force"]
     ),
     route!(GET, "/api/runs/{id}", Read, []),
+    route!(POST, "/api/reload", Work, []),
 ];
 
 pub enum Found {
@@ -157,6 +158,7 @@ pub fn handle(state: State, route: &'static Route, req: Request) -> HandlerFutur
                 Ok(Reply::json(StatusCode::OK, doc))
             }
             ("GET", "/api/reading") => readings(&state, &params).await,
+            ("POST", "/api/reload") => reload(&state).await,
             ("GET" | "POST", "/api/sync/reading") => {
                 let wait = seconds(
                     params
@@ -258,6 +260,50 @@ pub fn handle(state: State, route: &'static Route, req: Request) -> HandlerFutur
             ))),
         }
     })
+}
+
+/// Re-reads the jobs file: 200 with what changed, or 422 with every problem (and the
+/// running set untouched).
+async fn reload(state: &State) -> Result<Reply, ApiError> {
+    let Some(reloader) = &state.reload else {
+        return Err(ApiError::unavailable(
+            "this vigil has no jobs file to reload",
+        ));
+    };
+    match reloader.reload().await {
+        Ok(report) => Ok(Reply::json(StatusCode::OK, json!(report))),
+        Err(diags) => {
+            let problems: Vec<Value> = diags
+                .0
+                .iter()
+                .map(|d| {
+                    let mut p = json!({
+                        "location": d.origin.to_string(),
+                        "job": d.job,
+                        "message": d.message,
+                    });
+                    if let (crate::config::Origin::File { path, line, col }, Some(map)) =
+                        (&d.origin, p.as_object_mut())
+                    {
+                        map.insert("file".into(), json!(path.display().to_string()));
+                        map.insert("line".into(), json!(line));
+                        map.insert("column".into(), json!(col));
+                    }
+                    p
+                })
+                .collect();
+            let n = problems.len();
+            Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_config",
+                format!(
+                    "{n} problem{} in the jobs file; the running jobs are unchanged",
+                    if n == 1 { "" } else { "s" }
+                ),
+            )
+            .with(json!({ "problems": problems })))
+        }
+    }
 }
 
 async fn readyz(state: &State) -> Result<Reply, ApiError> {
@@ -386,6 +432,8 @@ fn job_view(job: &JobStatus, last: &[RunRecord]) -> Value {
         "schedule": job.schedule,
         "enabled": job.enabled,
         "overlap": job.overlap,
+        "scope": job.scope.as_str(),
+        "applied_at": job.applied_at,
         "next_fire": job.next_fire,
         "running": job.running,
         "last_run": last.iter().find(|r| r.job == job.name).map(run_view),

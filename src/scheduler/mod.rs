@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::config::{CatchUp, JobSpec, Overlap};
+use crate::config::{CatchUp, JobSpec, Overlap, Scope};
 use crate::jobs::Job;
 use crate::store::{RunRecord, RunStatus, Trigger};
 use crate::telemetry::metrics::Metrics;
@@ -104,6 +104,10 @@ pub struct JobStatus {
     pub overlap: String,
     pub next_fire: Option<DateTime<Utc>>,
     pub running: Vec<Uuid>,
+    pub scope: Scope,
+    /// When the job's current definition took effect (start-up or a reload that added
+    /// or changed it); a reload leaves it alone for unchanged jobs.
+    pub applied_at: DateTime<Utc>,
 }
 
 /// What shutdown did.
@@ -112,6 +116,20 @@ pub struct ShutdownReport {
     pub abandoned: usize,
     pub ledger_flushed: bool,
 }
+
+/// What [`Scheduler::apply`] changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ApplyReport {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    pub unchanged: Vec<String>,
+}
+
+/// Jobs that could not be built, as (job, problem); nothing was applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(|(job, e)| format!("job \"{job}\": {e}")).collect::<Vec<_>>().join("; "))]
+pub struct ApplyError(pub Vec<(String, String)>);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CancelReason {
@@ -123,14 +141,17 @@ enum CancelReason {
 #[derive(Clone)]
 struct Active {
     id: Uuid,
+    /// The slot version that started it.
+    generation: u64,
     cancel: CancellationToken,
     reason: Arc<OnceLock<CancelReason>>,
 }
 
 impl Active {
-    fn new(id: Uuid) -> Self {
+    fn new(id: Uuid, generation: u64) -> Self {
         Self {
             id,
+            generation,
             cancel: CancellationToken::new(),
             reason: Arc::new(OnceLock::new()),
         }
@@ -149,12 +170,14 @@ struct SlotState {
     timer_id: Option<Uuid>,
 }
 
-/// One scheduled job.
+/// One scheduled job. A changed job gets a new slot that shares the old one's state,
+/// so runs of the old definition still count for the overlap policy.
 struct Slot {
     spec: JobSpec,
     job: Arc<dyn Job>,
     generation: u64,
-    state: Mutex<SlotState>,
+    applied_at: DateTime<Utc>,
+    state: Arc<Mutex<SlotState>>,
 }
 
 impl Slot {
@@ -223,24 +246,93 @@ impl Scheduler {
 
     /// Registers a job. Once the scheduler is started, an enabled job is armed at once.
     pub async fn add(&self, spec: JobSpec, job: Arc<dyn Job>) -> Result<(), SchedulerError> {
-        let slot = {
-            let mut slots = self.inner.write_slots();
-            if slots.contains_key(&spec.name) {
-                return Err(SchedulerError::Duplicate(spec.name));
+        if self.inner.read_slots().contains_key(&spec.name) {
+            return Err(SchedulerError::Duplicate(spec.name));
+        }
+        self.insert(spec, job, None).await;
+        Ok(())
+    }
+
+    /// Makes the scheduled set exactly `specs`: adds new jobs, unschedules removed ones
+    /// (a run in progress finishes), reschedules changed ones, and leaves unchanged
+    /// ones (and their timers) alone. Start-up and reload both come through here.
+    /// `build` makes a job from its spec; if any build fails nothing changes.
+    pub async fn apply<F>(&self, specs: Vec<JobSpec>, build: F) -> Result<ApplyReport, ApplyError>
+    where
+        F: Fn(&JobSpec) -> Result<Arc<dyn Job>, String>,
+    {
+        let current: BTreeMap<String, Arc<Slot>> = self.inner.read_slots().clone();
+        let mut report = ApplyReport::default();
+        let mut built = Vec::new();
+        let mut problems = Vec::new();
+        for spec in specs {
+            match current.get(&spec.name) {
+                Some(slot) if slot.spec == spec => report.unchanged.push(spec.name.clone()),
+                existing => match build(&spec) {
+                    Ok(job) => {
+                        if existing.is_some() {
+                            report.changed.push(spec.name.clone());
+                        } else {
+                            report.added.push(spec.name.clone());
+                        }
+                        built.push((spec, job));
+                    }
+                    Err(e) => problems.push((spec.name.clone(), e)),
+                },
             }
-            let slot = Arc::new(Slot {
-                generation: self.inner.generation.fetch_add(1, Ordering::Relaxed),
-                spec,
-                job,
-                state: Mutex::new(SlotState::default()),
-            });
-            slots.insert(slot.spec.name.clone(), slot.clone());
-            slot
-        };
+        }
+        if !problems.is_empty() {
+            return Err(ApplyError(problems));
+        }
+        let keep: std::collections::BTreeSet<&str> = report
+            .unchanged
+            .iter()
+            .chain(&report.changed)
+            .chain(&report.added)
+            .map(String::as_str)
+            .collect();
+        for name in current.keys().filter(|n| !keep.contains(n.as_str())) {
+            self.remove(name).await;
+            report.removed.push(name.clone());
+        }
+        for (spec, job) in built {
+            let shared = current.get(&spec.name).map(|old| old.state.clone());
+            if let Some(old) = current.get(&spec.name) {
+                self.inner.retire(old).await;
+            }
+            self.insert(spec, job, shared).await;
+        }
+        Ok(report)
+    }
+
+    /// Unschedules `name`; a run in progress finishes and is recorded as usual.
+    pub async fn remove(&self, name: &str) {
+        let slot = self.inner.write_slots().remove(name);
+        if let Some(slot) = slot {
+            self.inner.retire(&slot).await;
+        }
+    }
+
+    async fn insert(
+        &self,
+        spec: JobSpec,
+        job: Arc<dyn Job>,
+        shared: Option<Arc<Mutex<SlotState>>>,
+    ) -> Arc<Slot> {
+        let slot = Arc::new(Slot {
+            generation: self.inner.generation.fetch_add(1, Ordering::Relaxed),
+            applied_at: Utc::now(),
+            spec,
+            job,
+            state: shared.unwrap_or_default(),
+        });
+        self.inner
+            .write_slots()
+            .insert(slot.spec.name.clone(), slot.clone());
         if self.inner.started.load(Ordering::Acquire) && slot.spec.enabled {
             self.inner.arm_next(&slot, Utc::now()).await;
         }
-        Ok(())
+        slot
     }
 
     /// Starts the clock, arms every enabled job and runs catch-ups.
@@ -286,6 +378,11 @@ impl Scheduler {
         self.inner.fire(&slot, Trigger::Manual, Utc::now())
     }
 
+    /// The names of the scheduled jobs, in order.
+    pub fn job_names(&self) -> Vec<String> {
+        self.inner.read_slots().keys().cloned().collect()
+    }
+
     pub fn jobs(&self) -> Vec<JobStatus> {
         self.inner
             .slot_list()
@@ -300,6 +397,8 @@ impl Scheduler {
                     overlap: format!("{:?}", slot.spec.overlap).to_lowercase(),
                     next_fire: state.next_due,
                     running: state.running.iter().map(|a| a.id).collect(),
+                    scope: slot.spec.scope,
+                    applied_at: slot.applied_at,
                 }
             })
             .collect()
@@ -352,6 +451,30 @@ impl Scheduler {
 }
 
 impl Inner {
+    fn read_slots(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Slot>>> {
+        self.slots.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops `slot`'s timer; once its runs are over, lets its job flush.
+    async fn retire(self: &Arc<Self>, slot: &Arc<Slot>) {
+        let timer = slot.state().timer_id.take();
+        if let Some(id) = timer {
+            self.timer.disarm(id).await;
+        }
+        let slot = slot.clone();
+        self.tracker.spawn(async move {
+            while slot
+                .state()
+                .running
+                .iter()
+                .any(|a| a.generation == slot.generation)
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            slot.job.shutdown().await;
+        });
+    }
+
     fn write_slots(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Slot>>> {
         self.slots.write().unwrap_or_else(|p| p.into_inner())
     }
@@ -406,6 +529,9 @@ impl Inner {
             }
         };
         if let Some(missed) = slot.spec.schedule.latest_in(last, now) {
+            if !self.claim(slot, missed).await {
+                return;
+            }
             tracing::info!(job = %slot.spec.name, %missed, last_firing = %last, "catching up a missed firing");
             if let Err(e) = self.fire(slot, Trigger::CatchUp, missed) {
                 tracing::info!(job = %slot.spec.name, error = %e, "catch-up not started");
@@ -424,14 +550,20 @@ impl Inner {
             return Err(TriggerError::Stopping);
         }
         let id = Uuid::now_v7();
-        let active = Active::new(id);
+        let active = Active::new(id, slot.generation);
         {
             let mut state = slot.state();
             match slot.spec.overlap {
                 Overlap::Forbid => {
                     if let Some(running) = state.running.first().map(|a| a.id) {
                         drop(state);
-                        self.record_skip(slot, id, trigger, scheduled_at, running);
+                        self.record_skip(
+                            slot,
+                            id,
+                            trigger,
+                            scheduled_at,
+                            format!("overlap policy forbid: run {running} was still running"),
+                        );
                         return Err(TriggerError::Refused {
                             job: slot.spec.name.clone(),
                             running,
@@ -472,10 +604,10 @@ impl Inner {
         id: Uuid,
         trigger: Trigger,
         scheduled_at: DateTime<Utc>,
-        running: Uuid,
+        reason: String,
     ) {
         let now = Utc::now();
-        tracing::info!(job = %slot.spec.name, run_id = %id, %running, "firing skipped: previous run still going");
+        tracing::info!(job = %slot.spec.name, run_id = %id, %reason, "firing skipped");
         self.metrics.run_skipped(&slot.spec.name);
         self.ledger.record(RunRecord {
             id,
@@ -489,11 +621,29 @@ impl Inner {
             finished_at: Some(now),
             status: RunStatus::Skipped,
             items: None,
-            error: Some(format!(
-                "overlap policy forbid: run {running} was still running"
-            )),
+            error: Some(reason),
             host: self.host.clone(),
         });
+    }
+
+    /// For a `cluster`-scoped job: whether this replica runs the firing at
+    /// `scheduled_at` (the first replica to claim it does).
+    async fn claim(&self, slot: &Slot, scheduled_at: DateTime<Utc>) -> bool {
+        if slot.spec.scope != Scope::Cluster {
+            return true;
+        }
+        match self
+            .ledger
+            .store()
+            .claim_firing(&slot.spec.name, scheduled_at, &self.host)
+            .await
+        {
+            Ok(won) => won,
+            Err(e) => {
+                tracing::warn!(job = %slot.spec.name, %scheduled_at, error = %e, "cannot claim the firing; leaving it to other replicas");
+                false
+            }
+        }
     }
 }
 
@@ -522,6 +672,16 @@ async fn dispatch(inner: Arc<Inner>, mut ticks: mpsc::UnboundedReceiver<Tick>) {
             tokio::select! {
                 () = inner2.stopping.cancelled() => return,
                 () = tokio::time::sleep(wait) => {}
+            }
+            // Removed or redefined by a reload while this firing waited for its instant.
+            if inner2
+                .slot(&slot.spec.name)
+                .is_none_or(|s| s.generation != slot.generation)
+            {
+                return;
+            }
+            if !inner2.claim(&slot, tick.due).await {
+                return;
             }
             let lag = (Utc::now() - tick.due).to_std().unwrap_or(Duration::ZERO);
             inner2.metrics.lag(&slot.spec.name, lag);

@@ -10,6 +10,7 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::{Active, CancelReason, Inner, RunResult, Slot};
+use crate::config::{Overlap, Scope};
 use crate::jobs::{JobError, RunContext, RunOutcome};
 use crate::store::{RunRecord, RunStatus, Trigger};
 
@@ -40,6 +41,59 @@ pub(super) async fn govern(
 ) {
     let spec = &slot.spec;
     let first_started = Utc::now();
+    // A cluster-scoped job runs on one replica at a time: hold its lock for the whole
+    // run (all attempts). `allow` opts out; `replace` cannot cancel another replica's
+    // run, so it waits its turn like `forbid`.
+    let mut cluster_lock = None;
+    if spec.scope == Scope::Cluster && spec.overlap != Overlap::Allow {
+        match acquire_cluster_lock(&inner, spec).await {
+            Ok(Some(lock)) => cluster_lock = Some(lock),
+            outcome => {
+                let (status, reason) = match outcome {
+                    Err(e) => (
+                        RunStatus::Failed,
+                        format!("cannot take the job's cluster lock: {e}"),
+                    ),
+                    _ => (
+                        RunStatus::Skipped,
+                        "another replica is running this job".to_owned(),
+                    ),
+                };
+                let now = Utc::now();
+                inner
+                    .metrics
+                    .run_finished(&spec.name, status.as_str(), Duration::ZERO, None);
+                inner.ledger.record(RunRecord {
+                    id: firing.id,
+                    job: spec.name.clone(),
+                    kind: spec.kind.to_string(),
+                    trigger: firing.trigger,
+                    attempt: 1,
+                    retry_of: None,
+                    scheduled_at: firing.scheduled_at,
+                    started_at: now,
+                    finished_at: Some(now),
+                    status,
+                    items: None,
+                    error: Some(reason.clone()),
+                    host: inner.host.clone(),
+                });
+                slot.state().running.retain(|a| a.id != firing.id);
+                done.send_replace(Some(RunResult {
+                    run_id: firing.id,
+                    last_attempt_id: firing.id,
+                    job: spec.name.clone(),
+                    status,
+                    attempts: 1,
+                    items: None,
+                    error: Some(reason),
+                    started_at: now,
+                    finished_at: now,
+                }));
+                return;
+            }
+        }
+    }
     let mut attempt = 1u32;
     let mut id = firing.id;
     let result = loop {
@@ -122,8 +176,35 @@ pub(super) async fn govern(
             finished_at: record.finished_at.unwrap_or_else(Utc::now),
         };
     };
+    if let Some(lock) = cluster_lock {
+        lock.release().await;
+    }
     slot.state().running.retain(|a| a.id != firing.id);
     done.send_replace(Some(result));
+}
+
+/// The cluster lock; under `replace` the run it replaced needs a moment to stop and
+/// let go, so keep trying that long.
+async fn acquire_cluster_lock(
+    inner: &Inner,
+    spec: &crate::config::JobSpec,
+) -> Result<Option<crate::store::sync::JobLock>, crate::store::StoreError> {
+    let store = inner.ledger.store();
+    let patience = if spec.overlap == Overlap::Replace {
+        ABORT_WAIT + Duration::from_secs(1)
+    } else {
+        Duration::ZERO
+    };
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        if let Some(lock) = store.try_cluster_lock(&spec.name).await? {
+            return Ok(Some(lock));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Runs the job once in its own task, so a panic is caught and a hang is cut off.

@@ -62,6 +62,13 @@ impl Timer {
         self.sched.add(job).await
     }
 
+    /// Cancels an armed one-shot (a job removed or rescheduled).
+    pub async fn disarm(&self, id: Uuid) {
+        if let Err(e) = self.sched.remove(&id).await {
+            tracing::debug!(error = %e, "timer already fired or gone");
+        }
+    }
+
     pub async fn shutdown(&self) {
         let mut sched = self.sched.clone();
         if let Err(e) = sched.shutdown().await {

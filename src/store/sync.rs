@@ -42,18 +42,50 @@ impl JobLock {
 }
 
 impl Store {
+    /// Claims firing `scheduled_at` of `job` for `host`: true for exactly one claimant.
+    /// Also clears this job's claims older than a week.
+    pub async fn claim_firing(
+        &self,
+        job: &str,
+        scheduled_at: DateTime<Utc>,
+        host: &str,
+    ) -> Result<bool, StoreError> {
+        let claimed: Option<String> = sqlx::query_scalar(
+            "WITH old AS (
+                 DELETE FROM job_claims WHERE job = $1 AND scheduled_at < $2 - interval '7 days'
+             )
+             INSERT INTO job_claims (job, scheduled_at, host) VALUES ($1, $2, $3)
+             ON CONFLICT (job, scheduled_at) DO NOTHING
+             RETURNING host",
+        )
+        .bind(job)
+        .bind(scheduled_at)
+        .bind(host)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(claimed.is_some())
+    }
+
     /// Takes job `name`'s lock unless another session holds it (then `None`). The lock
     /// lives on a connection outside the pool, so a cancelled run cannot leave it held
     /// on a pooled connection: dropping the value closes the session.
     pub async fn try_job_lock(&self, name: &str) -> Result<Option<JobLock>, StoreError> {
+        self.try_lock(&format!("vigil.job:{name}")).await
+    }
+
+    /// The lock a `cluster`-scoped job's run holds across replicas (a key apart from
+    /// [`Store::try_job_lock`]'s, which a job may take itself inside its run).
+    pub async fn try_cluster_lock(&self, name: &str) -> Result<Option<JobLock>, StoreError> {
+        self.try_lock(&format!("vigil.cluster:{name}")).await
+    }
+
+    async fn try_lock(&self, key: &str) -> Result<Option<JobLock>, StoreError> {
         let options = self.pool.connect_options();
         let mut conn = PgConnection::connect_with(&options).await?;
-        let got: bool = sqlx::query_scalar(
-            "SELECT pg_try_advisory_lock(hashtextextended('vigil.job:' || $1, 0))",
-        )
-        .bind(name)
-        .fetch_one(&mut conn)
-        .await?;
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+            .bind(key)
+            .fetch_one(&mut conn)
+            .await?;
         if got {
             Ok(Some(JobLock { conn }))
         } else {
