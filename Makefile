@@ -75,6 +75,8 @@ test:
 
 check:
 	cargo run --quiet -- check
+	cargo run --quiet -- check --config docker/vigil/jobs.toml
+	cargo run --quiet -- check --config docker/host-metrics.toml
 
 fmt:
 	cargo fmt --all
