@@ -23,6 +23,14 @@ every = "1s"
 [jobs.settings]
 command = ["true"]
 
+# The same on a cron schedule: every replica must compute the very same instant.
+[[jobs]]
+name = "cluster-cron"
+kind = "command"
+cron = "* * * * * *"
+[jobs.settings]
+command = ["true"]
+
 # Runs outlast the interval: without the cluster lock, replicas would overlap.
 [[jobs]]
 name = "cluster-slow"
@@ -63,6 +71,57 @@ fn seconds(from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<DateTime<Utc>> {
         t += TimeDelta::seconds(1);
     }
     all
+}
+
+/// Checks that every firing of `job` in `expected` ran exactly once and succeeded;
+/// returns how many each replica ran.
+async fn once_per_firing(
+    db: &TestDb,
+    job: &str,
+    expected: &[DateTime<Utc>],
+    killed_at: DateTime<Utc>,
+) -> BTreeMap<String, usize> {
+    let all = runs(db, job).await;
+    let mut per_second: BTreeMap<DateTime<Utc>, Vec<&RunRecord>> = BTreeMap::new();
+    for r in all.iter().filter(|r| r.trigger == Trigger::Schedule) {
+        per_second.entry(r.scheduled_at).or_default().push(r);
+    }
+    let claims: BTreeMap<DateTime<Utc>, String> =
+        sqlx::query_as("SELECT scheduled_at, host FROM job_claims WHERE job = $1")
+            .bind(job)
+            .fetch_all(db.pool())
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    let mut by_host: BTreeMap<String, usize> = BTreeMap::new();
+    for s in expected {
+        let rows = per_second.get(s).map(Vec::as_slice).unwrap_or_default();
+        if rows.is_empty() && (*s - killed_at).abs() < TimeDelta::seconds(2) {
+            // The one firing the killed replica had claimed and not yet recorded: lost
+            // with it, as documented; the next firing goes to a live replica.
+            assert_eq!(
+                claims.get(s).map(String::as_str),
+                Some("replica-c"),
+                "{job} {s}"
+            );
+            println!("{job} firing {s} was claimed by the replica being killed");
+            continue;
+        }
+        assert_eq!(
+            rows.len(),
+            1,
+            "{job} firing {s} ran {} times: {rows:?}",
+            rows.len()
+        );
+        let run = rows[0];
+        assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+        *by_host.entry(run.host.clone()).or_default() += 1;
+        if *s > killed_at + TimeDelta::seconds(1) {
+            assert_ne!(run.host, "replica-c", "a dead replica ran {job} at {s}");
+        }
+    }
+    by_host
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -132,49 +191,17 @@ async fn three_replicas_share_cluster_jobs_and_each_runs_host_jobs_even_when_one
     }
     replicas.clear();
 
-    // cluster-tick: exactly one run for every firing in the window, on whichever
-    // replica claimed it, before and after the kill.
-    let tick = runs(&db, "cluster-tick").await;
-    let mut per_second: BTreeMap<DateTime<Utc>, Vec<&RunRecord>> = BTreeMap::new();
-    for r in tick.iter().filter(|r| r.trigger == Trigger::Schedule) {
-        per_second.entry(r.scheduled_at).or_default().push(r);
-    }
+    // cluster-tick (interval) and cluster-cron: exactly one run for every firing in
+    // the window, on whichever replica claimed it, before and after the kill.
     let expected = seconds(window_start, window_end);
     assert!(expected.len() >= 25, "window of {} s", expected.len());
-    let claims: BTreeMap<DateTime<Utc>, String> =
-        sqlx::query_as("SELECT scheduled_at, host FROM job_claims WHERE job = 'cluster-tick'")
-            .fetch_all(db.pool())
-            .await
-            .unwrap()
-            .into_iter()
-            .collect();
-    let mut by_host: BTreeMap<&str, usize> = BTreeMap::new();
-    for s in &expected {
-        let rows = per_second.get(s).map(Vec::as_slice).unwrap_or_default();
-        if rows.is_empty() && (*s - killed_at).abs() < TimeDelta::seconds(2) {
-            // The one firing the killed replica had claimed and not yet recorded: lost
-            // with it, as documented; the next firing goes to a live replica.
-            assert_eq!(claims.get(s).map(String::as_str), Some("replica-c"), "{s}");
-            println!("firing {s} was claimed by the replica being killed");
-            continue;
-        }
-        assert_eq!(
-            rows.len(),
-            1,
-            "cluster-tick firing {s} ran {} times: {rows:?}",
-            rows.len()
+    for job in ["cluster-tick", "cluster-cron"] {
+        let by_host = once_per_firing(&db, job, &expected, killed_at).await;
+        println!(
+            "{job} firings by replica over {} s: {by_host:?}",
+            expected.len()
         );
-        let run = rows[0];
-        assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
-        *by_host.entry(run.host.as_str()).or_default() += 1;
-        if *s > killed_at + TimeDelta::seconds(1) {
-            assert_ne!(run.host, "replica-c", "a dead replica ran {s}");
-        }
     }
-    println!(
-        "cluster-tick firings by replica over {} s: {by_host:?}",
-        expected.len()
-    );
 
     // cluster-slow: runs that did start never overlap, across all replicas.
     let slow_all = runs(&db, "cluster-slow").await;

@@ -218,7 +218,12 @@ const MAX_CRON_CANDIDATES: usize = 10_000;
 /// and a local time repeated by a fall-back can never fire twice.
 fn next_cron(cron: &Cron, tz: Tz, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let fixed_time = cron.determine_job_type() == JobType::FixedTime;
-    let mut local = after.with_timezone(&tz).naive_local();
+    // Cron has whole seconds; croner would carry `after`'s fraction into the result, and
+    // replicas must compute the very same instant to claim a firing once.
+    let mut local = after
+        .with_timezone(&tz)
+        .naive_local()
+        .with_nanosecond(0)?;
     for _ in 0..MAX_CRON_CANDIDATES {
         let next_local = cron
             .find_next_occurrence(&Utc.from_utc_datetime(&local), false)
@@ -260,6 +265,24 @@ mod tests {
 
     fn utc(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn cron_firings_are_whole_seconds_whatever_the_fraction_of_now() {
+        let schedule = cron("0 15 3 * * *", "Europe/Berlin");
+        let a = schedule.next_after(utc("2026-11-27T05:37:08.613819402Z"));
+        let b = schedule.next_after(utc("2026-11-27T05:37:08.000000001Z"));
+        assert_eq!(a, Some(utc("2026-11-28T02:15:00Z")));
+        assert_eq!(a, b);
+        let every_second = cron("* * * * * *", "UTC");
+        assert_eq!(
+            every_second.next_after(utc("2026-11-27T05:37:08.5Z")),
+            Some(utc("2026-11-27T05:37:09Z"))
+        );
+        assert_eq!(
+            every_second.next_after(utc("2026-11-27T05:37:08Z")),
+            Some(utc("2026-11-27T05:37:09Z"))
+        );
     }
 
     fn cron(expr: &str, tz: &str) -> Schedule {
