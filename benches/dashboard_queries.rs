@@ -108,14 +108,18 @@ fn rollup_sql(select: &str) -> String {
     )
 }
 
-/// The shape the shipped Grafana panels use. `date_bin` is plain arithmetic on the
+/// The shape the shipped Grafana panels use, over the same minute-aligned range as the
+/// rollup (else the first bucket exists in one and not the other, depending on the
+/// second the bench runs at). `date_bin` is plain arithmetic on the
 /// timestamp; `date_trunc` on a timestamptz converts through the session time zone and
 /// Grafana's `$__timeGroupAlias` goes through numeric epoch seconds, both several times
 /// dearer per row.
 fn sql(select: &str) -> String {
     format!(
         "SELECT date_bin('1 minute', ts, timestamptz 'epoch') AS time, {select} FROM system_metrics
-         WHERE host = 'host-07' AND ts >= now() - interval '7 days' AND ts <= now()
+         WHERE host = 'host-07'
+           AND ts >= date_bin('1 minute', now() - interval '7 days', timestamptz 'epoch')
+           AND ts <= now()
          GROUP BY 1 ORDER BY 1"
     )
 }
