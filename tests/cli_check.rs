@@ -42,6 +42,26 @@ fn check_accepts_the_shipped_jobs_file_and_prints_three_fire_times_per_job() {
             .count();
         assert_eq!(times, 3, "{job} should show 3 fire times:\n{stdout}");
     }
+    // Scope: host metrics on every replica, the rest once per cluster.
+    let column = stdout.lines().next().and_then(|h| h.find("SCOPE")).unwrap();
+    let scope_of = |job: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(job))
+            .and_then(|l| l.get(column..))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        scope_of("host-metrics").as_deref(),
+        Some("host"),
+        "{stdout}"
+    );
+    assert_eq!(
+        scope_of("prune-metrics").as_deref(),
+        Some("cluster"),
+        "{stdout}"
+    );
     // The Berlin job shows local times with the zone's abbreviation.
     assert!(
         stdout.contains("CET") || stdout.contains("CEST"),

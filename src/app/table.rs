@@ -13,10 +13,11 @@ pub fn jobs_table(jobs: &[JobSpec], now: DateTime<Utc>) -> String {
         "KIND",
         "SCHEDULE",
         "ENABLED",
+        "SCOPE",
         "NEXT (UTC)",
         "NEXT (JOB TIME ZONE)",
     ];
-    let mut rows: Vec<[String; 6]> = Vec::new();
+    let mut rows: Vec<[String; 7]> = Vec::new();
     for job in jobs {
         // Shown for disabled jobs too: it is how to check a schedule before enabling it.
         let upcoming = job.schedule.upcoming(now, UPCOMING);
@@ -37,11 +38,13 @@ pub fn jobs_table(jobs: &[JobSpec], now: DateTime<Utc>) -> String {
             job.kind.to_string(),
             job.schedule.to_string(),
             if job.enabled { "yes" } else { "no" }.into(),
+            job.scope.as_str().into(),
             first_utc,
             first_local,
         ]);
         for t in upcoming.iter().skip(1) {
             rows.push([
+                String::new(),
                 String::new(),
                 String::new(),
                 String::new(),

@@ -220,10 +220,7 @@ fn next_cron(cron: &Cron, tz: Tz, after: DateTime<Utc>) -> Option<DateTime<Utc>>
     let fixed_time = cron.determine_job_type() == JobType::FixedTime;
     // Cron has whole seconds; croner would carry `after`'s fraction into the result, and
     // replicas must compute the very same instant to claim a firing once.
-    let mut local = after
-        .with_timezone(&tz)
-        .naive_local()
-        .with_nanosecond(0)?;
+    let mut local = after.with_timezone(&tz).naive_local().with_nanosecond(0)?;
     for _ in 0..MAX_CRON_CANDIDATES {
         let next_local = cron
             .find_next_occurrence(&Utc.from_utc_datetime(&local), false)
