@@ -17,18 +17,14 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions as _, Connection as _, Executor as _};
 use vigil::store::Store;
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 const DB: &str = "vigil_bench_dashboard";
 const HOSTS: i32 = 20;
 const DAYS: i32 = 30;
 const RUNS: usize = 15;
 const TARGET: Duration = Duration::from_millis(50);
-
-fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| {
-        let user = std::env::var("USER").unwrap_or_else(|_| "postgres".into());
-        format!("postgres://{user}@127.0.0.1:5432/postgres")
-    })
-}
 
 /// One day of samples for every host, in time order (hosts interleaved).
 fn generate_day(day: i32) -> String {
@@ -179,7 +175,7 @@ async fn plan(pool: &sqlx::PgPool, query: &str) -> String {
 
 #[tokio::main]
 async fn main() {
-    let admin = PgConnectOptions::from_str(&admin_url()).expect("TEST_DATABASE_URL");
+    let admin = PgConnectOptions::from_str(&common::admin_url()).expect("TEST_DATABASE_URL");
     let mut conn = sqlx::PgConnection::connect_with(&admin)
         .await
         .expect("connect");

@@ -7,8 +7,6 @@
 //! Needs nx-27017 in .tools/venv (./scripts/test installs it; or set NX_27017_BIN) and
 //! PostgreSQL: TEST_DATABASE_URL, else the server on 127.0.0.1:5432.
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -21,15 +19,11 @@ use vigil::jobs::{Job, KindConfig, RunContext};
 use vigil::store::Store;
 use vigil::store::sync::LoadRow;
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 const DOCS: i64 = 100_000;
 const BATCH: usize = 1000;
-
-fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| {
-        let user = std::env::var("USER").unwrap_or_else(|_| "postgres".into());
-        format!("postgres://{user}@127.0.0.1:5432/postgres")
-    })
-}
 
 fn document(i: i64) -> Document {
     doc! {
@@ -88,7 +82,7 @@ fn copy_text(rows: &[LoadRow]) -> Vec<u8> {
 #[tokio::main]
 async fn main() {
     // PostgreSQL.
-    let admin = PgConnectOptions::from_str(&admin_url()).expect("TEST_DATABASE_URL");
+    let admin = PgConnectOptions::from_str(&common::admin_url()).expect("TEST_DATABASE_URL");
     let db = format!("vigil_bench_sync_{}", std::process::id());
     let mut conn = sqlx::PgConnection::connect_with(&admin)
         .await
@@ -109,47 +103,9 @@ async fn main() {
     let store = Store::from_pool(pool.clone());
     store.migrate().await.unwrap();
 
-    // nx-27017.
-    let bin = std::env::var("NX_27017_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/venv/bin/nx-27017")
-        });
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let tmp = tempfile::tempdir().unwrap();
-    let mut nx = Command::new(&bin)
-        .args([
-            "--db",
-            "memory",
-            "--host",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])
-        .arg("--log-file")
-        .arg(tmp.path().join("nx.log"))
-        .arg("--pid-file")
-        .arg(tmp.path().join("nx.pid"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "start {}: {e} (run ./scripts/test once to install it)",
-                bin.display()
-            )
-        });
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let uri = format!("mongodb://127.0.0.1:{port}");
+    // nx-27017, started as the tests start it.
+    let nx = common::MongoServer::start().await;
+    let uri = nx.uri.clone();
     let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
     let coll = client.database("obs").collection::<Document>("readings");
     let t = Instant::now();
@@ -240,8 +196,7 @@ async fn main() {
         }
     );
 
-    let _ = nx.kill();
-    let _ = nx.wait();
+    drop(nx);
     pool.close().await;
     conn.execute(format!("DROP DATABASE {db} WITH (FORCE)").as_str())
         .await

@@ -15,7 +15,7 @@ use mongodb::bson::spec::BinarySubtype;
 use mongodb::bson::{Binary, Bson, DateTime as BsonDateTime, Document, doc};
 use vigil::config::{self, JobSpec};
 use vigil::jobs::mongo_sync::{Fault, MongoSync};
-use vigil::jobs::{self, Deps, Job, KindConfig, RunContext, RunOutcome};
+use vigil::jobs::{self, Job, KindConfig, RunContext, RunOutcome};
 use vigil::scheduler::{Ledger, Scheduler, ledger};
 use vigil::store::{RunStatus, Store};
 
@@ -436,16 +436,7 @@ async fn mongodb_down_fails_the_run_clearly_marks_nothing_and_is_retried() {
             .jobs
             .remove(0)
     };
-    let job = jobs::build(
-        &spec,
-        &Deps {
-            store: db.store.clone(),
-            host: "h".into(),
-            metrics: Default::default(),
-            mongo_uri: None,
-        },
-    )
-    .unwrap();
+    let job = jobs::build(&spec, &db.deps()).unwrap();
     let scheduler = Scheduler::new(
         Ledger::start(
             db.store.clone(),

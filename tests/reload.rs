@@ -13,7 +13,6 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use vigil::app::App;
 use vigil::config::{self, Environment};
-use vigil::store::runs::RunQuery;
 use vigil::store::{RunRecord, RunStatus, Trigger};
 
 struct Live {
@@ -75,21 +74,6 @@ impl Live {
         (r.status(), r.json().await.unwrap())
     }
 
-    async fn runs(&self, job: &str) -> Vec<RunRecord> {
-        let mut runs = self
-            .db
-            .store
-            .runs(&RunQuery {
-                job: Some(job),
-                limit: 10_000,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        runs.reverse();
-        runs
-    }
-
     async fn stop(mut self) {
         if let Some(app) = self.app.take() {
             app.stop().await;
@@ -138,7 +122,7 @@ async fn reload_adds_a_new_job_which_then_fires_on_schedule() {
         Duration::from_secs(5),
         "b's first scheduled run",
         || async {
-            let runs = live.runs("b").await;
+            let runs = live.db.runs("b").await;
             runs.iter()
                 .any(|r| r.trigger == Trigger::Schedule && r.status == RunStatus::Succeeded)
                 .then_some(())
@@ -200,7 +184,7 @@ async fn reload_removes_a_job_and_lets_its_run_in_progress_finish() {
     )
     .await;
     assert_eq!(finished["status"], "succeeded", "{finished}");
-    let runs = live.runs("slow").await;
+    let runs = live.db.runs("slow").await;
     assert_eq!(runs.len(), 1, "exactly the one run: {runs:?}");
     live.stop().await;
 }
@@ -225,7 +209,7 @@ async fn reload_reschedules_a_changed_job() {
         Duration::from_secs(6),
         "three firings on the new schedule",
         || async {
-            let s = scheduled(&live.runs("c").await);
+            let s = scheduled(&live.db.runs("c").await);
             (s.len() >= 3).then_some(s)
         },
     )
@@ -241,7 +225,7 @@ async fn an_invalid_file_changes_nothing_and_every_problem_is_reported_with_its_
     let good = job("tick", "every = \"1s\"", "[\"true\"]");
     let live = Live::start(&good, false).await;
     eventually(Duration::from_secs(5), "tick firing", || async {
-        (!live.runs("tick").await.is_empty()).then_some(())
+        (!live.db.runs("tick").await.is_empty()).then_some(())
     })
     .await;
     let (_, before) = live.job("tick").await;
@@ -278,9 +262,9 @@ async fn an_invalid_file_changes_nothing_and_every_problem_is_reported_with_its_
     assert_eq!(live.job("new-one").await.0, StatusCode::NOT_FOUND);
     let (_, after) = live.job("tick").await;
     assert_eq!(after["applied_at"], before["applied_at"]);
-    let count = live.runs("tick").await.len();
+    let count = live.db.runs("tick").await.len();
     eventually(Duration::from_secs(5), "tick to keep firing", || async {
-        (live.runs("tick").await.len() >= count + 2).then_some(())
+        (live.db.runs("tick").await.len() >= count + 2).then_some(())
     })
     .await;
 
@@ -320,7 +304,7 @@ async fn unchanged_jobs_keep_their_timers_across_reloads() {
     assert_eq!(steady_after["applied_at"], steady_before["applied_at"]);
 
     // `steady` fired every second throughout: no firing lost, none doubled.
-    let fired = scheduled(&live.runs("steady").await);
+    let fired = scheduled(&live.db.runs("steady").await);
     assert!(fired.len() >= 4, "{fired:?}");
     for pair in fired.windows(2) {
         assert_eq!((pair[1] - pair[0]).num_seconds(), 1, "{fired:?}");

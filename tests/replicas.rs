@@ -11,7 +11,6 @@ use std::time::Duration;
 use chrono::{DateTime, DurationRound as _, TimeDelta, Utc};
 use common::{Running, TestDb, eventually, vigil, write};
 use nix::sys::signal::Signal;
-use vigil::store::runs::RunQuery;
 use vigil::store::{RunRecord, RunStatus, Trigger};
 
 const JOBS: &str = r#"
@@ -52,17 +51,6 @@ command = ["true"]
 
 const HOSTS: [&str; 3] = ["replica-a", "replica-b", "replica-c"];
 
-async fn runs(db: &TestDb, job: &str) -> Vec<RunRecord> {
-    db.store
-        .runs(&RunQuery {
-            job: Some(job),
-            limit: 10_000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-}
-
 fn seconds(from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<DateTime<Utc>> {
     let mut t = from.duration_trunc(TimeDelta::seconds(1)).unwrap() + TimeDelta::seconds(1);
     let mut all = Vec::new();
@@ -81,7 +69,7 @@ async fn once_per_firing(
     expected: &[DateTime<Utc>],
     killed_at: DateTime<Utc>,
 ) -> BTreeMap<String, usize> {
-    let all = runs(db, job).await;
+    let all = db.runs(job).await;
     let mut per_second: BTreeMap<DateTime<Utc>, Vec<&RunRecord>> = BTreeMap::new();
     for r in all.iter().filter(|r| r.trigger == Trigger::Schedule) {
         per_second.entry(r.scheduled_at).or_default().push(r);
@@ -204,7 +192,7 @@ async fn three_replicas_share_cluster_jobs_and_each_runs_host_jobs_even_when_one
     }
 
     // cluster-slow: runs that did start never overlap, across all replicas.
-    let slow_all = runs(&db, "cluster-slow").await;
+    let slow_all = db.runs("cluster-slow").await;
     let slow: Vec<&RunRecord> = slow_all
         .iter()
         .filter(|r| r.status != RunStatus::Skipped)
@@ -235,7 +223,7 @@ async fn three_replicas_share_cluster_jobs_and_each_runs_host_jobs_even_when_one
     );
 
     // host-tick: every live replica ran every firing; the dead one stopped.
-    let host_runs = runs(&db, "host-tick").await;
+    let host_runs = db.runs("host-tick").await;
     for host in HOSTS {
         let mine: BTreeSet<DateTime<Utc>> = host_runs
             .iter()

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::TestDb;
 use vigil::config;
-use vigil::jobs::{self, Deps, RunContext, RunOutcome};
+use vigil::jobs::{self, RunContext, RunOutcome};
 
 fn retention_spec(batch: u32, older_than: &str) -> vigil::config::JobSpec {
     let text = format!(
@@ -49,16 +49,7 @@ async fn retention_deletes_only_old_rows_in_batches_and_counts_them() {
     .await
     .unwrap();
 
-    let job = jobs::build(
-        &retention_spec(500, "30d"),
-        &Deps {
-            store: db.store.clone(),
-            host: "h".into(),
-            metrics: Default::default(),
-            mongo_uri: None,
-        },
-    )
-    .unwrap();
+    let job = jobs::build(&retention_spec(500, "30d"), &db.deps()).unwrap();
     let outcome = job.run(ctx()).await.unwrap();
     assert_eq!(outcome, RunOutcome::Completed { items: Some(2345) });
 
@@ -112,16 +103,7 @@ async fn retention_on_a_missing_column_fails_with_a_message_naming_it() {
         .unwrap()
         .jobs
         .remove(0);
-    let job = jobs::build(
-        &spec,
-        &Deps {
-            store: db.store.clone(),
-            host: "h".into(),
-            metrics: Default::default(),
-            mongo_uri: None,
-        },
-    )
-    .unwrap();
+    let job = jobs::build(&spec, &db.deps()).unwrap();
     let err = job.run(ctx()).await.unwrap_err().to_string();
     assert!(
         err.contains("system_metrics") && err.contains("created"),

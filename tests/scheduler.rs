@@ -12,7 +12,6 @@ use common::{TestDb, eventually};
 use vigil::config::{self, JobSpec};
 use vigil::jobs::{Job, JobError, RunContext, RunOutcome};
 use vigil::scheduler::{Ledger, Scheduler, TriggerError, ledger};
-use vigil::store::runs::RunQuery;
 use vigil::store::{RunRecord, RunStatus, Trigger};
 
 /// A job spec from TOML; the `command` kind is a placeholder, the test supplies the job.
@@ -72,20 +71,6 @@ async fn scheduler(db: &TestDb, host: &str) -> Scheduler {
     Scheduler::new(ledger, host).await.unwrap()
 }
 
-async fn runs_of(db: &TestDb, job: &str) -> Vec<RunRecord> {
-    let mut runs = db
-        .store
-        .runs(&RunQuery {
-            job: Some(job),
-            limit: 10_000,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    runs.reverse();
-    runs
-}
-
 fn intervals_overlap(a: &RunRecord, b: &RunRecord) -> bool {
     let end = |r: &RunRecord| r.finished_at.unwrap_or(DateTime::<Utc>::MAX_UTC);
     a.started_at < end(b) && b.started_at < end(a)
@@ -107,7 +92,7 @@ async fn overlap_scenario(overlap: &str) -> (TestDb, Vec<RunRecord>) {
     s.start().await.unwrap();
     tokio::time::sleep(Duration::from_secs(10)).await;
     s.shutdown(Duration::from_secs(5)).await;
-    let runs = runs_of(&db, "sleepy").await;
+    let runs = db.runs("sleepy").await;
     (db, runs)
 }
 
@@ -224,7 +209,7 @@ async fn a_run_past_its_timeout_is_cancelled_and_recorded_timed_out() {
     assert_eq!(result.status, RunStatus::TimedOut);
     assert_eq!(result.error.as_deref(), Some("timed out after 1s"));
     s.ledger().flush(Duration::from_secs(5)).await.unwrap();
-    let rows = runs_of(&db, "slow").await;
+    let rows = db.runs("slow").await;
     assert_eq!(rows.len(), 1);
     let took = rows[0].finished_at.unwrap() - rows[0].started_at;
     assert!(
@@ -257,7 +242,7 @@ async fn failed_attempts_are_retried_with_growing_backoff_and_each_recorded() {
     assert_eq!(result.items, Some(7));
     s.ledger().flush(Duration::from_secs(5)).await.unwrap();
 
-    let rows = runs_of(&db, "flaky").await;
+    let rows = db.runs("flaky").await;
     assert_eq!(rows.len(), 4, "{rows:#?}");
     assert_eq!(
         rows.iter().map(|r| r.attempt).collect::<Vec<_>>(),
@@ -313,7 +298,7 @@ async fn retries_stop_at_max_attempts() {
     assert_eq!(result.status, RunStatus::Failed);
     assert_eq!(result.attempts, 2);
     s.ledger().flush(Duration::from_secs(5)).await.unwrap();
-    assert_eq!(runs_of(&db, "doomed").await.len(), 2);
+    assert_eq!(db.runs("doomed").await.len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -334,7 +319,7 @@ async fn a_panicking_job_is_recorded_failed_and_nothing_else_stops() {
     assert!(s.is_running());
     s.shutdown(Duration::from_secs(2)).await;
 
-    let bombs = runs_of(&db, "bomb").await;
+    let bombs = db.runs("bomb").await;
     assert!(
         bombs.len() >= 3,
         "the panicking job keeps being scheduled: {bombs:#?}"
@@ -343,7 +328,7 @@ async fn a_panicking_job_is_recorded_failed_and_nothing_else_stops() {
         assert_eq!(b.status, RunStatus::Failed);
         assert_eq!(b.error.as_deref(), Some("panicked: boom in the job"));
     }
-    let steady = runs_of(&db, "steady").await;
+    let steady = db.runs("steady").await;
     assert!(steady.len() >= 3);
     assert!(steady.iter().all(|r| r.status == RunStatus::Succeeded));
 }
@@ -385,7 +370,7 @@ async fn catch_up_once_runs_the_latest_missed_firing_at_start() {
     .unwrap();
     s.start().await.unwrap();
     let rows = eventually(Duration::from_secs(10), "the catch-up run", || async {
-        let rows = runs_of(&db, "hourly").await;
+        let rows = db.runs("hourly").await;
         rows.iter()
             .any(|r| r.trigger == Trigger::CatchUp && r.status.is_final())
             .then_some(rows)
@@ -429,7 +414,7 @@ async fn catch_up_skip_ignores_missed_firings() {
     s.start().await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     s.shutdown(Duration::from_secs(2)).await;
-    let rows = runs_of(&db, "hourly").await;
+    let rows = db.runs("hourly").await;
     assert_eq!(rows.len(), 1, "only the old row: {rows:#?}");
 }
 
@@ -446,7 +431,7 @@ async fn catch_up_once_does_nothing_for_a_job_that_never_ran() {
     s.start().await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     s.shutdown(Duration::from_secs(2)).await;
-    assert!(runs_of(&db, "fresh").await.is_empty());
+    assert!(db.runs("fresh").await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -555,7 +540,7 @@ async fn manual_triggers_obey_the_overlap_policy_and_disabled_jobs_need_force() 
     let forced = s.trigger("off", true).unwrap().finished().await;
     assert_eq!(forced.status, RunStatus::Succeeded);
     s.shutdown(Duration::from_secs(5)).await;
-    let rows = runs_of(&db, "one").await;
+    let rows = db.runs("one").await;
     let mut statuses: Vec<RunStatus> = rows.iter().map(|r| r.status).collect();
     statuses.sort_by_key(|s| s.as_str());
     assert_eq!(

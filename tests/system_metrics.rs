@@ -169,12 +169,7 @@ async fn bytes_sent_over_loopback_show_up_in_its_rates() {
     let db = TestDb::new().await;
     let job = jobs::build(
         &spec("10s", "exclude_interfaces = []\ncollect = [\"network\"]"),
-        &Deps {
-            store: db.store.clone(),
-            host: "h".into(),
-            metrics: Default::default(),
-            mongo_uri: None,
-        },
+        &db.deps(),
     )
     .unwrap();
     job.run(ctx()).await.unwrap();

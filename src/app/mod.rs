@@ -78,8 +78,10 @@ impl Database {
         {
             Ok(store) => store,
             Err(e) => {
-                if let Some(pg) = &embedded {
-                    let _ = pg.stop();
+                if let Some(pg) = &embedded
+                    && let Err(stop) = pg.stop()
+                {
+                    tracing::error!(error = %stop, "stopping the embedded PostgreSQL");
                 }
                 return Err(e.into());
             }

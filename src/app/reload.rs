@@ -4,7 +4,6 @@
 //! new file, minus the jobs that did not change.
 
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -83,11 +82,15 @@ impl Reloader {
             })
             .await
             .map_err(|e| {
-                let text = std::fs::read_to_string(&self.path).unwrap_or_default();
                 Diagnostics(
                     e.0.into_iter()
                         .map(|(job, message)| Diagnostic {
-                            origin: job_origin(&self.path, &text, &job),
+                            origin: config
+                                .file
+                                .origins
+                                .get(&job)
+                                .cloned()
+                                .unwrap_or(Origin::Unknown),
                             job: Some(format!("job \"{job}\"")),
                             message,
                         })
@@ -160,11 +163,10 @@ impl Reloader {
 
     async fn serve(&self, mut rx: mpsc::Receiver<Cause>, stop: CancellationToken) {
         loop {
-            let cause = tokio::select! {
+            let mut cause = tokio::select! {
                 () = stop.cancelled() => return,
                 c = rx.recv() => match c { Some(c) => c, None => return },
             };
-            let mut cause = cause;
             if matches!(cause, Cause::FileChanged) {
                 // Debounce: wait until the file has been quiet for a moment.
                 loop {
@@ -185,11 +187,10 @@ impl Reloader {
     }
 }
 
+#[async_trait::async_trait]
 impl Reload for Reloader {
-    fn reload(
-        &self,
-    ) -> Pin<Box<dyn Future<Output = Result<ApplyReport, Diagnostics>> + Send + '_>> {
-        Box::pin(Reloader::reload(self, Cause::Api))
+    async fn reload(&self) -> Result<ApplyReport, Diagnostics> {
+        Reloader::reload(self, Cause::Api).await
     }
 }
 
@@ -212,30 +213,6 @@ fn runner_values(runner: &[RunnerEntry]) -> Vec<(String, ::config::ValueKind)> {
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
-}
-
-/// Where `job` is defined: the line of its `name = "…"`, found in the text, since a
-/// build problem is found after parsing.
-fn job_origin(path: &Path, text: &str, job: &str) -> Origin {
-    let quoted = [format!("\"{job}\""), format!("'{job}'")];
-    for (i, line) in text.lines().enumerate() {
-        let trimmed = line.trim_start();
-        if let Some(rest) = trimmed.strip_prefix("name")
-            && let Some(value) = rest.trim_start().strip_prefix('=')
-            && quoted.iter().any(|q| value.trim() == q)
-        {
-            return Origin::File {
-                path: path.to_path_buf(),
-                line: i + 1,
-                col: line.len() - trimmed.len() + 1,
-            };
-        }
-    }
-    Origin::File {
-        path: path.to_path_buf(),
-        line: 1,
-        col: 1,
-    }
 }
 
 /// Watches the file's directory, not the file: editors and ConfigMaps replace the file
@@ -293,18 +270,4 @@ fn spawn_sighup(tx: mpsc::Sender<Cause>, stop: CancellationToken) {
             }
         }
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_job_is_located_by_its_name_line() {
-        let text = "[[jobs]]\nname = \"a\"\n\n[[jobs]]\n  name = 'b'\n";
-        let origin = job_origin(Path::new("jobs.toml"), text, "b");
-        assert_eq!(origin.to_string(), "jobs.toml:5:3");
-        let origin = job_origin(Path::new("jobs.toml"), text, "a");
-        assert_eq!(origin.to_string(), "jobs.toml:2:1");
-    }
 }

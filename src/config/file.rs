@@ -32,6 +32,10 @@ pub struct JobsFile {
     pub path: PathBuf,
     pub runner: Vec<RunnerEntry>,
     pub jobs: Vec<JobSpec>,
+    /// Where each job's `name` is written, for problems found after parsing (a job
+    /// that cannot be built). Kept beside the specs, not in them: moving a job within
+    /// the file does not change it.
+    pub origins: HashMap<String, Origin>,
     /// Identifies the text this was read from, so a reload can tell whether the file
     /// really changed (within one process only).
     pub digest: u64,
@@ -100,32 +104,32 @@ pub fn parse_keeping_runner(
     }
 
     let mut jobs = Vec::new();
+    let mut origins: HashMap<String, Origin> = HashMap::new();
     if let Some(value) = jobs_value {
         let span = value.span();
         match value.into_inner() {
             DeValue::Array(items) => {
-                let mut seen: HashMap<String, usize> = HashMap::new();
                 for (index, item) in items.iter().enumerate() {
-                    if let Some((spec, name_span)) =
-                        parse_job(&map, index, item.clone(), &mut diags)
-                    {
-                        let line = match map.origin_of(&name_span) {
-                            Origin::File { line, .. } => line,
+                    let Some((spec, name_span)) = parse_job(&map, index, item.clone(), &mut diags)
+                    else {
+                        continue;
+                    };
+                    if let Some(first) = origins.get(&spec.name) {
+                        let first = match first {
+                            Origin::File { line, .. } => *line,
                             _ => 0,
                         };
-                        if let Some(first) = seen.get(&spec.name) {
-                            diags.push(map.diagnostic(
-                                Some(name_span),
-                                Some(format!("job \"{}\"", spec.name)),
-                                format!(
-                                    "duplicate job name \"{}\" (first defined on line {first})",
-                                    spec.name
-                                ),
-                            ));
-                        } else {
-                            seen.insert(spec.name.clone(), line);
-                            jobs.push(spec);
-                        }
+                        diags.push(map.diagnostic(
+                            Some(name_span),
+                            Some(format!("job \"{}\"", spec.name)),
+                            format!(
+                                "duplicate job name \"{}\" (first defined on line {first})",
+                                spec.name
+                            ),
+                        ));
+                    } else {
+                        origins.insert(spec.name.clone(), map.origin_of(&name_span));
+                        jobs.push(spec);
                     }
                 }
             }
@@ -142,6 +146,7 @@ pub fn parse_keeping_runner(
             path: path.to_path_buf(),
             runner,
             jobs,
+            origins,
             digest: digest(text),
         })
     } else {
@@ -510,4 +515,18 @@ fn prune(value: &mut DeValue<'_>, span: &Range<usize>) -> Option<String> {
 
 fn take_key<'i>(table: &mut DeTable<'i>, key: &str) -> Option<Spanned<DeValue<'i>>> {
     table.remove(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_job_is_located_by_its_name() {
+        let text = "[[jobs]]\nname = \"a\"\nkind = \"command\"\nevery = \"1s\"\n[jobs.settings]\ncommand = [\"true\"]\n\n[[jobs]]\n  name = 'b'\nkind = \"command\"\nevery = \"1s\"\n[jobs.settings]\ncommand = [\"true\"]\n";
+        let file = parse(Path::new("jobs.toml"), text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(file.origins["a"].to_string(), "jobs.toml:2:8");
+        assert_eq!(file.origins["b"].to_string(), "jobs.toml:9:10");
+        assert_eq!(file.origins.len(), 2);
+    }
 }

@@ -40,9 +40,9 @@ pub fn api_handler() -> Handler {
 
 /// Re-reads the jobs file and applies it (`POST /api/reload`). The app provides it:
 /// the gateway reads no files.
+#[async_trait::async_trait]
 pub trait Reload: Send + Sync {
-    fn reload(&self)
-    -> Pin<Box<dyn Future<Output = Result<ApplyReport, Diagnostics>> + Send + '_>>;
+    async fn reload(&self) -> Result<ApplyReport, Diagnostics>;
 }
 
 /// What handlers can reach.

@@ -216,9 +216,7 @@ pub fn handle(state: State, route: &'static Route, req: Request) -> HandlerFutur
                         limit,
                     })
                     .await?;
-                let next = (runs.len() as i64 == limit)
-                    .then(|| runs.last().map(|r| r.id.to_string()))
-                    .flatten();
+                let next = next_cursor(&runs, limit, |r| r.id.to_string());
                 Ok(Reply::json(
                     StatusCode::OK,
                     json!({
@@ -355,13 +353,18 @@ async fn readings(state: &State, params: &Params) -> Result<Reply, ApiError> {
             limit,
         })
         .await?;
-    let next = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|r| r.id.to_string()))
-        .flatten();
+    let next = next_cursor(&rows, limit, |r| r.id.to_string());
     Ok(Reply::json(
         StatusCode::OK,
         json!({ "readings": rows, "next_cursor": next }),
     ))
+}
+
+/// A full page may have more after it: the last row's key is where the next one starts.
+fn next_cursor<T>(page: &[T], limit: i64, key: impl Fn(&T) -> String) -> Option<String> {
+    (page.len() as i64 == limit)
+        .then(|| page.last().map(key))
+        .flatten()
 }
 
 fn known_job(state: &State, name: &str) -> Result<JobStatus, ApiError> {
@@ -417,7 +420,9 @@ async fn finish_or_accept(
 /// Makes the ledger's queued rows visible before reading them; bounded, so a slow
 /// database delays the answer by at most two seconds.
 async fn flush_ledger(state: &State) {
-    let _ = state.scheduler.ledger().flush(Duration::from_secs(2)).await;
+    if let Err(e) = state.scheduler.ledger().flush(Duration::from_secs(2)).await {
+        tracing::debug!(error = %e, "answering with the rows written so far");
+    }
 }
 
 async fn last_runs(state: &State) -> Result<Vec<RunRecord>, ApiError> {

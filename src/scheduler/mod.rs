@@ -8,7 +8,7 @@ pub mod ledger;
 mod run;
 mod timer;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::Duration;
@@ -262,6 +262,7 @@ impl Scheduler {
         F: Fn(&JobSpec) -> Result<Arc<dyn Job>, String>,
     {
         let current: BTreeMap<String, Arc<Slot>> = self.inner.read_slots().clone();
+        let wanted: BTreeSet<String> = specs.iter().map(|s| s.name.clone()).collect();
         let mut report = ApplyReport::default();
         let mut built = Vec::new();
         let mut problems = Vec::new();
@@ -284,22 +285,18 @@ impl Scheduler {
         if !problems.is_empty() {
             return Err(ApplyError(problems));
         }
-        let keep: std::collections::BTreeSet<&str> = report
-            .unchanged
-            .iter()
-            .chain(&report.changed)
-            .chain(&report.added)
-            .map(String::as_str)
-            .collect();
-        for name in current.keys().filter(|n| !keep.contains(n.as_str())) {
+        for name in current.keys().filter(|n| !wanted.contains(*n)) {
             self.remove(name).await;
             report.removed.push(name.clone());
         }
         for (spec, job) in built {
-            let shared = current.get(&spec.name).map(|old| old.state.clone());
-            if let Some(old) = current.get(&spec.name) {
-                self.inner.retire(old).await;
-            }
+            let shared = match current.get(&spec.name) {
+                Some(old) => {
+                    self.inner.retire(old).await;
+                    Some(old.state.clone())
+                }
+                None => None,
+            };
             self.insert(spec, job, shared).await;
         }
         Ok(report)
@@ -557,11 +554,12 @@ impl Inner {
                 Overlap::Forbid => {
                     if let Some(running) = state.running.first().map(|a| a.id) {
                         drop(state);
-                        self.record_skip(
+                        self.record_refusal(
                             slot,
                             id,
                             trigger,
                             scheduled_at,
+                            RunStatus::Skipped,
                             format!("overlap policy forbid: run {running} was still running"),
                         );
                         return Err(TriggerError::Refused {
@@ -598,18 +596,25 @@ impl Inner {
         })
     }
 
-    fn record_skip(
+    /// Records a firing that never started an attempt: its one ledger row.
+    fn record_refusal(
         &self,
         slot: &Slot,
         id: Uuid,
         trigger: Trigger,
         scheduled_at: DateTime<Utc>,
+        status: RunStatus,
         reason: String,
-    ) {
+    ) -> RunRecord {
         let now = Utc::now();
-        tracing::info!(job = %slot.spec.name, run_id = %id, %reason, "firing skipped");
-        self.metrics.run_skipped(&slot.spec.name);
-        self.ledger.record(RunRecord {
+        if status == RunStatus::Skipped {
+            tracing::info!(job = %slot.spec.name, run_id = %id, %reason, "firing skipped");
+        } else {
+            tracing::warn!(job = %slot.spec.name, run_id = %id, %status, %reason, "firing not run");
+        }
+        self.metrics
+            .run_not_started(&slot.spec.name, status.as_str());
+        let record = RunRecord {
             id,
             job: slot.spec.name.clone(),
             kind: slot.spec.kind.to_string(),
@@ -619,11 +624,13 @@ impl Inner {
             scheduled_at,
             started_at: now,
             finished_at: Some(now),
-            status: RunStatus::Skipped,
+            status,
             items: None,
             error: Some(reason),
             host: self.host.clone(),
-        });
+        };
+        self.ledger.record(record.clone());
+        record
     }
 
     /// For a `cluster`-scoped job: whether this replica runs the firing at

@@ -59,25 +59,14 @@ pub(super) async fn govern(
                         "another replica is running this job".to_owned(),
                     ),
                 };
-                let now = Utc::now();
-                inner
-                    .metrics
-                    .run_finished(&spec.name, status.as_str(), Duration::ZERO, None);
-                inner.ledger.record(RunRecord {
-                    id: firing.id,
-                    job: spec.name.clone(),
-                    kind: spec.kind.to_string(),
-                    trigger: firing.trigger,
-                    attempt: 1,
-                    retry_of: None,
-                    scheduled_at: firing.scheduled_at,
-                    started_at: now,
-                    finished_at: Some(now),
+                let row = inner.record_refusal(
+                    &slot,
+                    firing.id,
+                    firing.trigger,
+                    firing.scheduled_at,
                     status,
-                    items: None,
-                    error: Some(reason.clone()),
-                    host: inner.host.clone(),
-                });
+                    reason,
+                );
                 slot.state().running.retain(|a| a.id != firing.id);
                 done.send_replace(Some(RunResult {
                     run_id: firing.id,
@@ -86,9 +75,9 @@ pub(super) async fn govern(
                     status,
                     attempts: 1,
                     items: None,
-                    error: Some(reason),
-                    started_at: now,
-                    finished_at: now,
+                    error: row.error,
+                    started_at: row.started_at,
+                    finished_at: row.started_at,
                 }));
                 return;
             }

@@ -211,11 +211,13 @@ impl Metrics {
         }
     }
 
-    pub fn run_skipped(&self, job: &str) {
+    /// A firing that never started a job attempt (skipped, or failed before it ran):
+    /// counted by status, kept out of the duration histogram.
+    pub fn run_not_started(&self, job: &str, status: &str) {
         self.runs
             .get_or_create(&JobStatusLabels {
                 job: job.to_owned(),
-                status: "skipped".to_owned(),
+                status: status.to_owned(),
             })
             .inc();
     }
@@ -237,7 +239,7 @@ mod tests {
     fn runs_and_lag_are_exposed_with_prometheus_names() {
         let m = Metrics::new();
         m.run_finished("prune", "succeeded", Duration::from_millis(20), Some(5));
-        m.run_skipped("prune");
+        m.run_not_started("prune", "skipped");
         m.lag("prune", Duration::from_millis(3));
         let text = m.encode();
         assert!(

@@ -68,6 +68,31 @@ impl TestDb {
     pub fn pool(&self) -> &sqlx::PgPool {
         self.store.pool()
     }
+
+    /// Every ledger row of `job`, oldest first.
+    pub async fn runs(&self, job: &str) -> Vec<vigil::store::RunRecord> {
+        let mut runs = self
+            .store
+            .runs(&vigil::store::runs::RunQuery {
+                job: Some(job),
+                limit: 10_000,
+                ..Default::default()
+            })
+            .await
+            .expect("read job_runs");
+        runs.reverse();
+        runs
+    }
+
+    /// What jobs built in a test may use: this database, runner `h`.
+    pub fn deps(&self) -> vigil::jobs::Deps {
+        vigil::jobs::Deps {
+            store: self.store.clone(),
+            host: "h".into(),
+            metrics: Default::default(),
+            mongo_uri: None,
+        }
+    }
 }
 
 impl Drop for TestDb {
