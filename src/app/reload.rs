@@ -119,15 +119,7 @@ impl Reloader {
         let text = match tokio::fs::read_to_string(&self.path).await {
             Ok(t) => t,
             Err(e) => {
-                let diags = Diagnostics(vec![Diagnostic {
-                    origin: Origin::File {
-                        path: self.path.clone(),
-                        line: 1,
-                        col: 1,
-                    },
-                    job: None,
-                    message: format!("cannot read the jobs file: {e}"),
-                }]);
+                let diags = config::unreadable(&self.path, &e);
                 log_rejected(cause, &self.path, &diags);
                 return Err(diags);
             }

@@ -52,19 +52,21 @@ pub fn digest(text: &str) -> u64 {
 /// Reads and validates `path`. On failure the `[runner]` entries that could be read are
 /// still returned, so settings problems are reported alongside job problems.
 pub fn load(path: &Path) -> Result<JobsFile, (Diagnostics, Vec<RunnerEntry>)> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        let d = Diagnostics(vec![Diagnostic {
-            origin: Origin::File {
-                path: path.to_path_buf(),
-                line: 1,
-                col: 1,
-            },
-            job: None,
-            message: format!("cannot read the jobs file: {e}"),
-        }]);
-        (d, Vec::new())
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|e| (unreadable(path, &e), Vec::new()))?;
     parse_keeping_runner(path, &text)
+}
+
+/// The problem reported when the jobs file cannot be read.
+pub fn unreadable(path: &Path, e: &std::io::Error) -> Diagnostics {
+    Diagnostics(vec![Diagnostic {
+        origin: Origin::File {
+            path: path.to_path_buf(),
+            line: 1,
+            col: 1,
+        },
+        job: None,
+        message: format!("cannot read the jobs file: {e}"),
+    }])
 }
 
 /// Validates `text` as the contents of `path` (used for messages only).

@@ -10,7 +10,7 @@ mod settings;
 mod types;
 
 pub use diagnostic::{Diagnostic, Diagnostics, Origin, SourceMap};
-pub use file::{JobsFile, RunnerEntry, Validate, digest};
+pub use file::{JobsFile, RunnerEntry, Validate, digest, unreadable};
 pub use job::{CatchUp, JobSpec, Overlap, RetryConfig, RetryPolicy, Scope};
 pub use schedule::{CronExpr, Schedule, TimeZone};
 pub use settings::{DatabaseTarget, Environment, Secret, Settings, redact_url};
