@@ -161,7 +161,7 @@ async fn main() {
         pool.execute("TRUNCATE reading_analytics").await.unwrap();
         let t = Instant::now();
         for chunk in rows.chunks(BATCH) {
-            store.load_batch(&table, "bench", chunk, &[]).await.unwrap();
+            store.load_rows(&table, chunk).await.unwrap();
         }
         load_best = load_best.min(t.elapsed().as_secs_f64());
 

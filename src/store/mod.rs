@@ -34,6 +34,20 @@ pub enum StoreError {
     Query(#[from] sqlx::Error),
 }
 
+impl StoreError {
+    /// PostgreSQL refused the data itself (a value it cannot hold, a constraint, a
+    /// size or nesting limit): the same rows will fail again, other rows may not.
+    pub fn is_data_rejection(&self) -> bool {
+        match self {
+            StoreError::Query(sqlx::Error::Database(db)) => db.code().is_some_and(|c| {
+                // 22: data exception, 23: integrity constraint, 54: program limit.
+                c.starts_with("22") || c.starts_with("23") || c.starts_with("54")
+            }),
+            _ => false,
+        }
+    }
+}
+
 /// A handle on vigil's database. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -150,6 +164,17 @@ impl Store {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// `s` with U+0000 written as the six characters `\\u0000`: PostgreSQL's `text` and
+/// `jsonb` refuse that one character, so anything quoted from outside (a document, an
+/// error message) goes through here before it is stored.
+pub fn pg_text(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', "\\u0000"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
     }
 }
 

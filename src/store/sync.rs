@@ -16,14 +16,31 @@ pub struct LoadRow {
     pub occurred_at: Option<DateTime<Utc>>,
 }
 
-/// A document that could not be loaded.
+/// A document that could not be loaded. Every text field is stored through
+/// [`pg_text`](super::pg_text) and the original as `bytea`, so recording a reject cannot
+/// fail for what the document holds.
 #[derive(Debug, Clone)]
 pub struct Reject {
     pub mongo_id: String,
     pub source_id: Option<String>,
     pub error: String,
-    /// The document as JSON text, when it could be rendered.
+    /// A best-effort JSON view of the document (JSON text), when there is one.
     pub document: Option<String>,
+    /// The document's BSON, or its first bytes when it is oversize.
+    pub raw: Vec<u8>,
+    /// The whole document's size in bytes (more than `raw.len()` when cut).
+    pub raw_size: usize,
+}
+
+/// What one load statement did with each row, by source id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Loaded {
+    /// Inserted now.
+    pub inserted: Vec<String>,
+    /// Already there with the same payload and time: a re-delivery, nothing to do.
+    pub unchanged: Vec<String>,
+    /// Already there with something else: a conflict.
+    pub conflicting: Vec<String>,
 }
 
 /// A session-level advisory lock on its own connection: held while this value lives,
@@ -94,61 +111,104 @@ impl Store {
         }
     }
 
-    /// Loads `rows` into `table` and records `rejects`, in one transaction. Rows whose
-    /// `source_id` is already there are skipped (a re-delivered document). Returns how
-    /// many rows were inserted.
-    pub async fn load_batch(
-        &self,
-        table: &Ident,
-        job: &str,
-        rows: &[LoadRow],
-        rejects: &[Reject],
-    ) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let mut inserted = 0;
-        if !rows.is_empty() {
-            let ids: Vec<&str> = rows.iter().map(|r| r.source_id.as_str()).collect();
-            let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
-            let times: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.occurred_at).collect();
-            // `table` passed `Ident::parse`, which admits no quote: safe to splice.
-            let sql = format!(
-                "INSERT INTO {} (source_id, payload, occurred_at)
-                 SELECT s, p::jsonb, o FROM UNNEST($1::text[], $2::text[], $3::timestamptz[]) AS u(s, p, o)
-                 ON CONFLICT (source_id) DO NOTHING",
-                table.quoted()
-            );
-            inserted = sqlx::query(&sql)
-                .bind(&ids)
-                .bind(&payloads)
-                .bind(&times)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+    /// Loads `rows` into `table` in one transaction and says, for each, whether it was
+    /// inserted, already there unchanged, or already there with other content (left
+    /// as it is). Source ids must be distinct within `rows`.
+    pub async fn load_rows(&self, table: &Ident, rows: &[LoadRow]) -> Result<Loaded, StoreError> {
+        let mut out = Loaded::default();
+        if rows.is_empty() {
+            return Ok(out);
         }
-        if !rejects.is_empty() {
-            let mongo_ids: Vec<&str> = rejects.iter().map(|r| r.mongo_id.as_str()).collect();
-            let source_ids: Vec<Option<&str>> =
-                rejects.iter().map(|r| r.source_id.as_deref()).collect();
-            let errors: Vec<&str> = rejects.iter().map(|r| r.error.as_str()).collect();
-            let documents: Vec<Option<&str>> =
-                rejects.iter().map(|r| r.document.as_deref()).collect();
-            sqlx::query(
-                "INSERT INTO sync_rejects (job, mongo_id, source_id, error, document)
-                 SELECT $1, m, s, e, d::jsonb
-                 FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[]) AS u(m, s, e, d)
-                 ON CONFLICT (job, mongo_id) DO UPDATE
-                 SET source_id = EXCLUDED.source_id, error = EXCLUDED.error,
-                     document = EXCLUDED.document, at = now()",
-            )
-            .bind(job)
-            .bind(&mongo_ids)
-            .bind(&source_ids)
-            .bind(&errors)
-            .bind(&documents)
-            .execute(&mut *tx)
+        let ids: Vec<&str> = rows.iter().map(|r| r.source_id.as_str()).collect();
+        let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
+        let times: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.occurred_at).collect();
+        let mut tx = self.pool.begin().await?;
+        // `table` passed `Ident::parse`, which admits no quote: safe to splice.
+        let inserted: Vec<String> = sqlx::query_scalar(&format!(
+            "INSERT INTO {} (source_id, payload, occurred_at)
+             SELECT s, p::jsonb, o FROM UNNEST($1::text[], $2::text[], $3::timestamptz[]) AS u(s, p, o)
+             ON CONFLICT (source_id) DO NOTHING
+             RETURNING source_id",
+            table.quoted()
+        ))
+        .bind(&ids)
+        .bind(&payloads)
+        .bind(&times)
+        .fetch_all(&mut *tx)
+        .await?;
+        if inserted.len() < rows.len() {
+            // The rest were there already: the same document again (a rerun after a
+            // crash before marking), or another one claiming the same source id.
+            let fresh: std::collections::HashSet<&str> =
+                inserted.iter().map(String::as_str).collect();
+            let rest: Vec<usize> = (0..rows.len())
+                .filter(|&i| !fresh.contains(ids[i]))
+                .collect();
+            let same: Vec<(String, bool)> = sqlx::query_as(&format!(
+                "SELECT t.source_id, t.payload = u.p::jsonb AND t.occurred_at IS NOT DISTINCT FROM u.o
+                 FROM UNNEST($1::text[], $2::text[], $3::timestamptz[]) AS u(s, p, o)
+                 JOIN {} t ON t.source_id = u.s",
+                table.quoted()
+            ))
+            .bind(rest.iter().map(|&i| ids[i]).collect::<Vec<_>>())
+            .bind(rest.iter().map(|&i| payloads[i]).collect::<Vec<_>>())
+            .bind(rest.iter().map(|&i| times[i]).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
             .await?;
+            for (id, equal) in same {
+                if equal {
+                    out.unchanged.push(id);
+                } else {
+                    out.conflicting.push(id);
+                }
+            }
         }
         tx.commit().await?;
-        Ok(inserted)
+        out.inserted = inserted;
+        Ok(out)
+    }
+
+    /// Records documents that could not be loaded: one row each, a reject seen again
+    /// replaces its row.
+    pub async fn insert_rejects(&self, job: &str, rejects: &[Reject]) -> Result<(), StoreError> {
+        if rejects.is_empty() {
+            return Ok(());
+        }
+        let text = |s: &str| super::pg_text(s).into_owned();
+        let mongo_ids: Vec<String> = rejects.iter().map(|r| text(&r.mongo_id)).collect();
+        let source_ids: Vec<Option<String>> = rejects
+            .iter()
+            .map(|r| r.source_id.as_deref().map(text))
+            .collect();
+        let errors: Vec<String> = rejects.iter().map(|r| text(&r.error)).collect();
+        let documents: Vec<Option<String>> = rejects
+            .iter()
+            .map(|r| r.document.as_deref().map(text))
+            .collect();
+        let raws: Vec<&[u8]> = rejects.iter().map(|r| r.raw.as_slice()).collect();
+        let sizes: Vec<i64> = rejects
+            .iter()
+            .map(|r| i64::try_from(r.raw_size).unwrap_or(i64::MAX))
+            .collect();
+        sqlx::query(
+            "INSERT INTO sync_rejects (job, mongo_id, source_id, error, document, raw, raw_size)
+             SELECT $1, m, s, e, d::jsonb, r, z
+             FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::bigint[])
+                 AS u(m, s, e, d, r, z)
+             ON CONFLICT (job, mongo_id) DO UPDATE
+             SET source_id = EXCLUDED.source_id, error = EXCLUDED.error,
+                 document = EXCLUDED.document, raw = EXCLUDED.raw,
+                 raw_size = EXCLUDED.raw_size, at = now()",
+        )
+        .bind(job)
+        .bind(&mongo_ids)
+        .bind(&source_ids)
+        .bind(&errors)
+        .bind(&documents)
+        .bind(&raws)
+        .bind(&sizes)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 }

@@ -11,7 +11,7 @@
 
 pub mod transform;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -26,8 +26,8 @@ use toml::Spanned;
 
 use super::{Job, JobError, RunContext, RunOutcome};
 use crate::config::{Ident, Secret, Validate};
-use crate::store::Store;
 use crate::store::sync::{LoadRow, Reject};
+use crate::store::{Store, StoreError, pg_text};
 use transform::{TransformError, document_to_json, occurred_at, source_id};
 
 /// Used when neither the job nor `MONGO_URI` names a server: MongoDB's own default.
@@ -241,6 +241,7 @@ impl MongoSync {
             .database(c.database.get_ref())
             .collection::<RawDocumentBuf>(c.collection.get_ref());
         let batch = *c.batch_size.get_ref();
+        let max = *c.max_document_bytes.get_ref() as usize;
         let mut loaded = 0u64;
         let mut rejected = 0u64;
         let mut previous_first: Option<Bson> = None;
@@ -270,12 +271,13 @@ impl MongoSync {
                 .await
                 .map_err(|e| self.mongo_error("reading pending documents", e))?
             {
-                docs.push(cursor.current().to_raw_document_buf());
+                // Sized in place: an oversize document is never copied whole.
+                docs.push(Fetched::read(cursor.current(), max, &c.source_id_field));
             }
             if docs.is_empty() {
                 break;
             }
-            let first = id_of(&docs[0]);
+            let first = docs[0].id();
             if first.is_some() && first == previous_first {
                 return Err(JobError::Failed(format!(
                     "document {} is still {:?} after being marked; is `{}` the status field?",
@@ -285,35 +287,9 @@ impl MongoSync {
                 )));
             }
             previous_first = first;
+            let fetched = docs.len();
 
-            let mut rows = Vec::new();
-            let mut good_ids = Vec::new();
-            let mut rejects = Vec::new();
-            let mut bad_ids = Vec::new();
-            for raw in &docs {
-                let Some(id) = id_of(raw) else { continue };
-                match self.transform(raw) {
-                    Ok(row) => {
-                        rows.push(row);
-                        good_ids.push(id);
-                    }
-                    Err(e) => {
-                        rejects.push(Reject {
-                            mongo_id: mongo_id_text(&id),
-                            source_id: lookup(raw, &c.source_id_field)
-                                .and_then(|v| source_id(v).ok()),
-                            error: e.0.clone(),
-                            document: document_to_json(raw).ok().map(|v| v.to_string()),
-                        });
-                        bad_ids.push((id, e.0));
-                    }
-                }
-            }
-
-            self.store
-                .load_batch(&c.table, &self.name, &rows, &rejects)
-                .await
-                .map_err(|e| JobError::Failed(format!("loading into {}: {e}", c.table)))?;
+            let outcome = self.load_documents(docs).await?;
 
             if self.take_fault() == Some(Fault::CrashAfterCommit) {
                 return Err(JobError::Failed(
@@ -323,29 +299,29 @@ impl MongoSync {
 
             // Only documents still pending: never overwrite a status someone else set.
             let now = mongodb::bson::DateTime::now();
-            if !good_ids.is_empty() {
+            if !outcome.done.is_empty() {
                 collection
                     .update_many(
-                        doc! { "_id": { "$in": good_ids }, c.status_field.as_str(): c.pending.as_str() },
+                        doc! { "_id": { "$in": outcome.done.clone() }, c.status_field.as_str(): c.pending.as_str() },
                         doc! { "$set": { c.status_field.as_str(): c.done.as_str(), "processed_at": now } },
                     )
                     .await
                     .map_err(|e| self.mongo_error("marking documents done", e))?;
             }
-            for (id, error) in bad_ids {
+            for (id, error) in &outcome.failed {
                 collection
                     .update_one(
-                        doc! { "_id": id, c.status_field.as_str(): c.pending.as_str() },
-                        doc! { "$set": { c.status_field.as_str(): c.failed.as_str(), "sync_error": error, "processed_at": now } },
+                        doc! { "_id": id.clone(), c.status_field.as_str(): c.pending.as_str() },
+                        doc! { "$set": { c.status_field.as_str(): c.failed.as_str(), "sync_error": error.as_str(), "processed_at": now } },
                     )
                     .await
                     .map_err(|e| self.mongo_error("marking a document failed", e))?;
             }
-            loaded += rows.len() as u64;
-            rejected += rejects.len() as u64;
+            loaded += outcome.inserted;
+            rejected += outcome.failed.len() as u64;
             slowest_batch = slowest_batch.max(started.elapsed());
-            tracing::debug!(batch = docs.len(), loaded, rejected, "batch synced");
-            if docs.len() < batch as usize {
+            tracing::debug!(batch = fetched, loaded, rejected, "batch synced");
+            if fetched < batch as usize {
                 break;
             }
         }
@@ -357,8 +333,160 @@ impl MongoSync {
         })
     }
 
+    /// Transforms and loads one batch of documents, quarantining every one that cannot
+    /// be loaded; says which to mark done and which failed. Fails only when PostgreSQL
+    /// itself is unusable, never for what a document holds. (Public so the load path
+    /// can be tested without MongoDB.)
+    pub async fn load_documents(&self, docs: Vec<Fetched>) -> Result<BatchOutcome, JobError> {
+        let mut outcome = BatchOutcome::default();
+        let mut rejects: Vec<(Bson, Reject)> = Vec::new();
+        // Rows to load, each with the document it came from, in rounds: a source id
+        // seen again in the batch waits for the next round, so each copy is judged
+        // against what the table holds by then (the same content, or a conflict).
+        let mut rounds: Vec<Vec<(Bson, RawDocumentBuf, LoadRow)>> = Vec::new();
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for doc in docs {
+            let (id, raw) = match doc {
+                Fetched::Whole { id, raw } => (id, raw),
+                Fetched::Oversize { id, reject } => {
+                    rejects.push((id, reject));
+                    continue;
+                }
+                Fetched::NoId { raw } => {
+                    tracing::warn!(
+                        size = raw.as_bytes().len(),
+                        "a pending document without `_id` cannot be marked; left as it is"
+                    );
+                    continue;
+                }
+            };
+            match self.transform(&raw) {
+                Ok(row) => {
+                    let round = seen.entry(row.source_id.clone()).or_default();
+                    if rounds.len() <= *round {
+                        rounds.push(Vec::new());
+                    }
+                    rounds[*round].push((id, raw, row));
+                    *round += 1;
+                }
+                Err(e) => rejects.push((id.clone(), self.reject(&id, &raw, e.0))),
+            }
+        }
+        for rows in rounds {
+            self.load_round(rows, &mut outcome, &mut rejects).await?;
+        }
+        self.quarantine(&rejects).await?;
+        outcome.failed = rejects
+            .into_iter()
+            .map(|(id, r)| (id, pg_text(&r.error).into_owned()))
+            .collect();
+        Ok(outcome)
+    }
+
+    /// Loads rows with distinct source ids. A part PostgreSQL refuses is split in two
+    /// until each refused row stands alone, and is quarantined with its reason.
+    async fn load_round(
+        &self,
+        rows: Vec<(Bson, RawDocumentBuf, LoadRow)>,
+        outcome: &mut BatchOutcome,
+        rejects: &mut Vec<(Bson, Reject)>,
+    ) -> Result<(), JobError> {
+        let table = &self.config.table;
+        let by_source: HashMap<&str, usize> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.2.source_id.as_str(), i))
+            .collect();
+        let mut refused: Vec<(usize, String)> = Vec::new();
+        let mut pending: Vec<std::ops::Range<usize>> = Vec::new();
+        pending.push(0..rows.len());
+        while let Some(range) = pending.pop() {
+            if range.is_empty() {
+                continue;
+            }
+            let part: Vec<LoadRow> = rows[range.clone()].iter().map(|r| r.2.clone()).collect();
+            match self.store.load_rows(table, &part).await {
+                Ok(loaded) => {
+                    outcome.inserted += loaded.inserted.len() as u64;
+                    let index = |sid: &String| by_source.get(sid.as_str()).copied();
+                    for i in loaded
+                        .inserted
+                        .iter()
+                        .chain(&loaded.unchanged)
+                        .filter_map(index)
+                    {
+                        outcome.done.push(rows[i].0.clone());
+                    }
+                    for i in loaded.conflicting.iter().filter_map(index) {
+                        refused.push((i, conflict(&rows[i].2.source_id)));
+                    }
+                }
+                Err(e) if e.is_data_rejection() => {
+                    if range.len() == 1 {
+                        refused.push((range.start, format!("refused by PostgreSQL: {e}")));
+                    } else {
+                        let mid = range.start + range.len() / 2;
+                        pending.push(mid..range.end);
+                        pending.push(range.start..mid);
+                    }
+                }
+                Err(e) => return Err(JobError::Failed(format!("loading into {table}: {e}"))),
+            }
+        }
+        for (i, reason) in refused {
+            let (id, raw, row) = &rows[i];
+            let mut reject = self.reject(id, raw, reason);
+            reject.source_id = Some(row.source_id.clone());
+            rejects.push((id.clone(), reject));
+        }
+        Ok(())
+    }
+
+    /// The quarantine record of a whole document.
+    fn reject(&self, id: &Bson, raw: &RawDocument, error: String) -> Reject {
+        Reject {
+            mongo_id: mongo_id_text(id),
+            source_id: lookup(raw, &self.config.source_id_field).and_then(|v| source_id(v).ok()),
+            error,
+            document: Some(transform::lossy_document_json(raw, usize::MAX).to_string()),
+            raw: raw.as_bytes().to_vec(),
+            raw_size: raw.as_bytes().len(),
+        }
+    }
+
+    /// Records `rejects` in `sync_rejects`. Their text is made storable and the
+    /// document kept as bytes; should PostgreSQL still refuse one (a JSON view it
+    /// cannot hold), each is recorded alone, without the view if need be.
+    async fn quarantine(&self, rejects: &[(Bson, Reject)]) -> Result<(), JobError> {
+        let failed = |e: StoreError| JobError::Failed(format!("recording rejected documents: {e}"));
+        let list: Vec<Reject> = rejects.iter().map(|r| r.1.clone()).collect();
+        match self.store.insert_rejects(&self.name, &list).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_data_rejection() => {
+                for mut reject in list {
+                    if let Err(e) = self
+                        .store
+                        .insert_rejects(&self.name, std::slice::from_ref(&reject))
+                        .await
+                    {
+                        if !e.is_data_rejection() {
+                            return Err(failed(e));
+                        }
+                        reject.document = None;
+                        self.store
+                            .insert_rejects(&self.name, &[reject])
+                            .await
+                            .map_err(failed)?;
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => Err(failed(e)),
+        }
+    }
+
     /// One document to one row, or why not.
-    fn transform(&self, raw: &RawDocument) -> Result<LoadRow, TransformError> {
+    pub fn transform(&self, raw: &RawDocument) -> Result<LoadRow, TransformError> {
         let c = &self.config;
         let size = raw.as_bytes().len();
         let max = *c.max_document_bytes.get_ref() as usize;
@@ -406,6 +534,80 @@ impl MongoSync {
     }
 }
 
+/// A pending document as read from the cursor.
+#[derive(Debug)]
+pub enum Fetched {
+    Whole {
+        id: Bson,
+        raw: RawDocumentBuf,
+    },
+    /// Over `max_document_bytes`: only its quarantine record was made, from the
+    /// cursor's buffer, keeping a bounded prefix.
+    Oversize {
+        id: Bson,
+        reject: Reject,
+    },
+    /// No `_id` (not something MongoDB lets happen): nothing can mark it.
+    NoId {
+        raw: RawDocumentBuf,
+    },
+}
+
+/// How much of an oversize document its quarantine record keeps, as BSON and as JSON.
+pub const OVERSIZE_KEEP_BYTES: usize = 4096;
+
+impl Fetched {
+    /// Takes the cursor's current document; `max` is `max_document_bytes`.
+    pub fn read(doc: &RawDocument, max: usize, source_id_field: &str) -> Self {
+        let size = doc.as_bytes().len();
+        let Some(id) = id_of(doc) else {
+            return Fetched::NoId {
+                raw: doc.to_raw_document_buf(),
+            };
+        };
+        if size <= max {
+            return Fetched::Whole {
+                id,
+                raw: doc.to_raw_document_buf(),
+            };
+        }
+        let reject = Reject {
+            mongo_id: mongo_id_text(&id),
+            source_id: lookup(doc, source_id_field).and_then(|v| source_id(v).ok()),
+            error: format!("document is {size} bytes, over max_document_bytes = {max}"),
+            document: Some(transform::lossy_document_json(doc, OVERSIZE_KEEP_BYTES).to_string()),
+            raw: doc.as_bytes()[..OVERSIZE_KEEP_BYTES.min(size)].to_vec(),
+            raw_size: size,
+        };
+        Fetched::Oversize { id, reject }
+    }
+
+    fn id(&self) -> Option<Bson> {
+        match self {
+            Fetched::Whole { id, .. } | Fetched::Oversize { id, .. } => Some(id.clone()),
+            Fetched::NoId { .. } => None,
+        }
+    }
+}
+
+/// What to do in MongoDB after a batch was loaded.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    /// Loaded now or before with the same content: mark done.
+    pub done: Vec<Bson>,
+    /// Quarantined, with the reason: mark failed.
+    pub failed: Vec<(Bson, String)>,
+    /// Rows actually inserted.
+    pub inserted: u64,
+}
+
+fn conflict(source_id: &str) -> String {
+    format!(
+        "conflict: source id {:?} is already loaded with different content",
+        pg_text(source_id)
+    )
+}
+
 /// A document's `_id`, owned, for filters.
 fn id_of(raw: &RawDocument) -> Option<Bson> {
     raw.get("_id")
@@ -417,7 +619,7 @@ fn id_of(raw: &RawDocument) -> Option<Bson> {
 fn mongo_id_text(id: &Bson) -> String {
     match id {
         Bson::ObjectId(oid) => oid.to_hex(),
-        Bson::String(s) => s.clone(),
+        Bson::String(s) => pg_text(s).into_owned(),
         other => other.clone().into_relaxed_extjson().to_string(),
     }
 }

@@ -18,22 +18,117 @@
 //! | JavaScript code with scope | `{"code": "...", "scope": {...}}` |
 //! | MinKey, MaxKey | `{"$minKey": 1}`, `{"$maxKey": 1}` |
 //! | DBPointer | relaxed Extended JSON, `{"$dbPointer": {"$ref": "...", "$id": {"$oid": "..."}}}` |
+//!
+//! Every special form reads back exactly with PostgreSQL's cast for its type
+//! (`'NaN'::float8`, `'9007199254740993'::bigint`, `'1234.5678'::numeric`,
+//! `'2026-01-02T03:04:05.678Z'::timestamptz`), so nothing is lost on the way.
+//!
+//! What PostgreSQL cannot hold is refused here, with the field's path in the reason,
+//! rather than left to fail a whole batch in the database:
+//! - a string (value, symbol, code, DBPointer namespace) containing U+0000: `jsonb` and
+//!   `text` cannot store it;
+//! - nesting deeper than [`MAX_DEPTH`] (MongoDB's own limit);
+//! - a key that appears twice in one document (JSON objects keep one value per key);
+//! - malformed BSON (a length or a UTF-8 sequence that does not add up).
+//!
+//! Keys that are empty or start with `$` are kept as written: `jsonb` stores them. (A
+//! key cannot contain U+0000 in BSON: keys are C strings.)
 
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use mongodb::bson::{Bson, RawBsonRef, RawDocument};
 use serde_json::{Map, Number, Value};
 
+use crate::store::pg_text;
+
 /// Integers beyond this lose precision in JavaScript and many JSON readers.
 const MAX_SAFE_INTEGER: i64 = (1 << 53) - 1;
+
+/// Deepest nesting accepted, counting the top-level document as level 1 and each
+/// document or array inside as one more: MongoDB's own limit, far inside what
+/// PostgreSQL's `jsonb` and vigil's stack handle.
+pub const MAX_DEPTH: usize = 100;
+
+/// The earliest instant PostgreSQL's `timestamptz` holds: 4714-11-24 00:00 UTC BC, in
+/// milliseconds since the Unix epoch. The latest (294276 AD) is beyond chrono's range,
+/// so chrono's own bound applies there.
+pub const PG_MIN_TIMESTAMP_MS: i64 = -210_866_803_200_000;
 
 /// Why a document cannot be loaded; the message goes to `sync_error` and `sync_rejects`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct TransformError(pub String);
 
+/// Where in a document a problem is, built up while the error unwinds.
+#[derive(Debug)]
+struct Fault {
+    /// Innermost first.
+    path: Vec<Seg>,
+    reason: String,
+}
+
+#[derive(Debug)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+impl Fault {
+    fn new(reason: impl Into<String>) -> Self {
+        Self {
+            path: Vec::new(),
+            reason: reason.into(),
+        }
+    }
+
+    fn at(mut self, seg: Seg) -> Self {
+        self.path.push(seg);
+        self
+    }
+}
+
+impl From<Fault> for TransformError {
+    fn from(f: Fault) -> Self {
+        if f.path.is_empty() {
+            return TransformError(f.reason);
+        }
+        let mut path = String::new();
+        for seg in f.path.iter().rev() {
+            match seg {
+                Seg::Key(k) => {
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(&pg_text(k));
+                }
+                Seg::Index(i) => path.push_str(&format!("[{i}]")),
+            }
+        }
+        TransformError(format!("{} at `{path}`", f.reason))
+    }
+}
+
+fn storable(s: &str, what: &str) -> Result<(), Fault> {
+    if s.contains('\0') {
+        Err(Fault::new(format!(
+            "{what} contains the character U+0000, which PostgreSQL cannot store"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
 /// Converts one BSON value.
 pub fn to_json(value: RawBsonRef<'_>) -> Result<Value, TransformError> {
+    convert(value, 0).map_err(TransformError::from)
+}
+
+/// Converts a whole document to a JSON object.
+pub fn document_to_json(doc: &RawDocument) -> Result<Value, TransformError> {
+    convert_document(doc, 0).map_err(TransformError::from)
+}
+
+fn convert(value: RawBsonRef<'_>, depth: usize) -> Result<Value, Fault> {
     Ok(match value {
         RawBsonRef::Double(f) => match Number::from_f64(f) {
             Some(n) => Value::Number(n),
@@ -42,15 +137,21 @@ pub fn to_json(value: RawBsonRef<'_>) -> Result<Value, TransformError> {
             None => Value::String("-Infinity".into()),
         },
         RawBsonRef::String(s) | RawBsonRef::Symbol(s) | RawBsonRef::JavaScriptCode(s) => {
+            storable(s, "string")?;
             Value::String(s.to_owned())
         }
-        RawBsonRef::Document(d) => document_to_json(d)?,
+        RawBsonRef::Document(d) => convert_document(d, depth + 1)?,
         RawBsonRef::Array(a) => {
+            // Its level is `depth + 2` (the top-level document is level 1).
+            if depth + 1 >= MAX_DEPTH {
+                return Err(too_deep());
+            }
             let mut out = Vec::new();
-            for item in a {
-                let item =
-                    item.map_err(|e| TransformError(format!("malformed BSON array: {e}")))?;
-                out.push(to_json(item)?);
+            for (i, item) in a.into_iter().enumerate() {
+                let item = item.map_err(|e| {
+                    Fault::new(format!("malformed BSON array: {e}")).at(Seg::Index(i))
+                })?;
+                out.push(convert(item, depth + 1).map_err(|f| f.at(Seg::Index(i)))?);
             }
             Value::Array(out)
         }
@@ -80,25 +181,167 @@ pub fn to_json(value: RawBsonRef<'_>) -> Result<Value, TransformError> {
             serde_json::json!({ "pattern": re.pattern, "options": re.options })
         }
         RawBsonRef::JavaScriptCodeWithScope(c) => {
-            serde_json::json!({ "code": c.code, "scope": document_to_json(c.scope)? })
+            storable(c.code, "code").map_err(|f| f.at(Seg::Key("code".into())))?;
+            let scope =
+                convert_document(c.scope, depth + 1).map_err(|f| f.at(Seg::Key("scope".into())))?;
+            serde_json::json!({ "code": c.code, "scope": scope })
         }
         RawBsonRef::MinKey => serde_json::json!({ "$minKey": 1 }),
         RawBsonRef::MaxKey => serde_json::json!({ "$maxKey": 1 }),
-        RawBsonRef::DbPointer(_) => Bson::try_from(value)
-            .map(Bson::into_relaxed_extjson)
-            .map_err(|e| TransformError(format!("malformed DBPointer: {e}")))?,
+        RawBsonRef::DbPointer(_) => {
+            let v = Bson::try_from(value)
+                .map(Bson::into_relaxed_extjson)
+                .map_err(|e| Fault::new(format!("malformed DBPointer: {e}")))?;
+            let namespace = v
+                .pointer("/$dbPointer/$ref")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            if namespace.contains('\0') {
+                return Err(Fault::new(
+                    "DBPointer namespace contains the character U+0000, which PostgreSQL cannot store",
+                ));
+            }
+            v
+        }
     })
 }
 
-/// Converts a whole document to a JSON object.
-pub fn document_to_json(doc: &RawDocument) -> Result<Value, TransformError> {
+fn too_deep() -> Fault {
+    Fault::new(format!(
+        "nested deeper than {MAX_DEPTH} levels (MongoDB's own limit)"
+    ))
+}
+
+fn convert_document(doc: &RawDocument, depth: usize) -> Result<Value, Fault> {
+    if depth >= MAX_DEPTH {
+        return Err(too_deep());
+    }
     let mut map = Map::new();
     for element in doc {
         let (key, value) =
-            element.map_err(|e| TransformError(format!("malformed BSON document: {e}")))?;
-        map.insert(key.to_owned(), to_json(value)?);
+            element.map_err(|e| Fault::new(format!("malformed BSON document: {e}")))?;
+        storable(key, "key").map_err(|f| f.at(Seg::Key(key.to_owned())))?;
+        let v = convert(value, depth).map_err(|f| f.at(Seg::Key(key.to_owned())))?;
+        if map.insert(key.to_owned(), v).is_some() {
+            return Err(Fault::new(
+                "key appears twice in one document; JSON keeps one value per key",
+            )
+            .at(Seg::Key(key.to_owned())));
+        }
     }
     Ok(Value::Object(map))
+}
+
+/// A best-effort JSON view of any document for `sync_rejects.document`, never failing:
+/// U+0000 becomes U+FFFD, a repeated key gets a `#2` suffix, nesting past
+/// [`MAX_DEPTH`] and malformed parts become a note in a string. At most about `budget`
+/// bytes of JSON are produced: longer strings are cut and the rest of the document is
+/// left out with a note, so an oversize document is never copied whole. The exact
+/// original is kept beside it as BSON.
+pub fn lossy_document_json(doc: &RawDocument, budget: usize) -> Value {
+    let mut left = budget;
+    lossy_document(doc, 0, &mut left)
+}
+
+/// Marks where a lossy view stops early.
+const CUT: &str = "…";
+
+fn lossy_text(s: &str, left: &mut usize) -> String {
+    let mut end = s.len().min(*left);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    *left -= end;
+    let mut out = s[..end].replace('\0', "\u{FFFD}");
+    if end < s.len() {
+        out.push_str(CUT);
+    }
+    out
+}
+
+fn lossy_document(doc: &RawDocument, depth: usize, left: &mut usize) -> Value {
+    if depth >= MAX_DEPTH {
+        return Value::String(format!("(nested deeper than {MAX_DEPTH} levels)"));
+    }
+    let mut map = Map::new();
+    for element in doc {
+        if *left == 0 {
+            map.insert(CUT.into(), Value::String("(the rest is left out)".into()));
+            break;
+        }
+        match element {
+            Ok((key, value)) => {
+                let mut key = key.replace('\0', "\u{FFFD}");
+                *left = left.saturating_sub(key.len() + 4);
+                let v = lossy(value, depth, left);
+                let base = key.clone();
+                let mut n = 2;
+                while map.contains_key(&key) {
+                    key = format!("{base}#{n}");
+                    n += 1;
+                }
+                map.insert(key, v);
+            }
+            Err(e) => {
+                map.insert(
+                    "(malformed)".into(),
+                    Value::String(e.to_string().replace('\0', "\u{FFFD}")),
+                );
+                break;
+            }
+        }
+    }
+    Value::Object(map)
+}
+
+fn lossy(value: RawBsonRef<'_>, depth: usize, left: &mut usize) -> Value {
+    match value {
+        RawBsonRef::String(s) | RawBsonRef::Symbol(s) | RawBsonRef::JavaScriptCode(s) => {
+            Value::String(lossy_text(s, left))
+        }
+        RawBsonRef::Document(d) => lossy_document(d, depth + 1, left),
+        RawBsonRef::Array(a) => {
+            if depth + 1 >= MAX_DEPTH {
+                return Value::String(format!("(nested deeper than {MAX_DEPTH} levels)"));
+            }
+            let mut out = Vec::new();
+            for item in a {
+                if *left == 0 {
+                    out.push(Value::String(CUT.into()));
+                    break;
+                }
+                match item {
+                    Ok(v) => out.push(lossy(v, depth + 1, left)),
+                    Err(e) => {
+                        out.push(Value::String(format!(
+                            "(malformed: {})",
+                            e.to_string().replace('\0', "\u{FFFD}")
+                        )));
+                        break;
+                    }
+                }
+            }
+            Value::Array(out)
+        }
+        RawBsonRef::JavaScriptCodeWithScope(c) => serde_json::json!({
+            "code": lossy_text(c.code, left),
+            "scope": lossy_document(c.scope, depth + 1, left),
+        }),
+        RawBsonRef::Binary(b) => {
+            let keep = b.bytes.len().min(*left / 4 * 3);
+            *left -= keep.div_ceil(3) * 4;
+            let mut text = base64::engine::general_purpose::STANDARD.encode(&b.bytes[..keep]);
+            if keep < b.bytes.len() {
+                text.push_str(CUT);
+            }
+            Value::String(text)
+        }
+        other => {
+            let v = convert(other, depth).unwrap_or_else(|f| Value::String(f.reason));
+            *left = left.saturating_sub(32);
+            v
+        }
+    }
 }
 
 fn rfc3339_millis(ms: i64) -> Option<String> {
@@ -111,6 +354,9 @@ fn rfc3339_millis(ms: i64) -> Option<String> {
 pub fn source_id(value: RawBsonRef<'_>) -> Result<String, TransformError> {
     match value {
         RawBsonRef::ObjectId(oid) => Ok(oid.to_hex()),
+        RawBsonRef::String(s) if s.contains('\0') => Err(TransformError(
+            "source id contains the character U+0000, which PostgreSQL cannot store".into(),
+        )),
         RawBsonRef::String(s) if !s.is_empty() => Ok(s.to_owned()),
         RawBsonRef::Int32(i) => Ok(i.to_string()),
         RawBsonRef::Int64(i) => Ok(i.to_string()),
@@ -122,20 +368,30 @@ pub fn source_id(value: RawBsonRef<'_>) -> Result<String, TransformError> {
     }
 }
 
+/// An instant PostgreSQL's `timestamptz` can hold.
+fn pg_instant(ms: i64) -> Result<DateTime<Utc>, TransformError> {
+    match DateTime::<Utc>::from_timestamp_millis(ms) {
+        Some(t) if ms >= PG_MIN_TIMESTAMP_MS => Ok(t),
+        _ => Err(TransformError(format!(
+            "{ms} ms since the epoch is outside PostgreSQL's timestamp range (4713 BC to 294276 AD)"
+        ))),
+    }
+}
+
 /// A reading's time: a BSON DateTime, an RFC 3339 string, or epoch milliseconds.
 pub fn occurred_at(value: RawBsonRef<'_>) -> Result<Option<DateTime<Utc>>, TransformError> {
     match value {
         RawBsonRef::Null | RawBsonRef::Undefined => Ok(None),
-        RawBsonRef::DateTime(dt) => DateTime::<Utc>::from_timestamp_millis(dt.timestamp_millis())
+        RawBsonRef::DateTime(dt) => pg_instant(dt.timestamp_millis())
             .map(Some)
-            .ok_or_else(|| TransformError(format!("date {dt} is out of range"))),
+            .map_err(|_| TransformError(format!("date {dt} is out of range"))),
         RawBsonRef::String(s) => DateTime::parse_from_rfc3339(s)
             .map(|t| Some(t.with_timezone(&Utc)))
-            .map_err(|_| TransformError(format!("{s:?} is not an RFC 3339 time"))),
-        RawBsonRef::Int64(ms) => DateTime::<Utc>::from_timestamp_millis(ms)
+            .map_err(|_| TransformError(format!("{:?} is not an RFC 3339 time", pg_text(s)))),
+        RawBsonRef::Int64(ms) => pg_instant(ms)
             .map(Some)
-            .ok_or_else(|| TransformError(format!("{ms} ms since the epoch is out of range"))),
-        RawBsonRef::Int32(ms) => Ok(DateTime::<Utc>::from_timestamp_millis(i64::from(ms))),
+            .map_err(|_| TransformError(format!("{ms} ms since the epoch is out of range"))),
+        RawBsonRef::Int32(ms) => pg_instant(i64::from(ms)).map(Some),
         other => Err(TransformError(format!(
             "a time must be a date, an RFC 3339 string or epoch milliseconds, found {:?}",
             other.element_type()
@@ -383,5 +639,133 @@ mod tests {
         assert_eq!(get("null").unwrap(), None);
         assert!(get("bad").unwrap_err().0.contains("RFC 3339"));
         assert!(get("float").is_err());
+    }
+
+    #[test]
+    fn a_string_holding_nul_is_refused_naming_its_path() {
+        let raw = RawDocumentBuf::from_document(&doc! {
+            "ok": "fine",
+            "sensor": { "labels": ["a", "b\0c"] },
+        })
+        .unwrap();
+        let err = document_to_json(&raw).unwrap_err();
+        assert_eq!(
+            err.0,
+            "string contains the character U+0000, which PostgreSQL cannot store at `sensor.labels[1]`"
+        );
+        for v in [
+            Bson::Symbol("x\0".into()),
+            Bson::JavaScriptCode("\0".into()),
+            Bson::JavaScriptCodeWithScope(JavaScriptCodeWithScope {
+                code: "a\0".into(),
+                scope: doc! {},
+            }),
+        ] {
+            assert!(convert(v).unwrap_err().0.contains("U+0000"));
+        }
+        let id = RawDocumentBuf::from_document(&doc! { "id": "r\0" }).unwrap();
+        assert!(
+            source_id(id.get("id").unwrap().unwrap())
+                .unwrap_err()
+                .0
+                .contains("U+0000")
+        );
+    }
+
+    fn nested(levels: usize) -> RawDocumentBuf {
+        let mut d = doc! { "leaf": 1 };
+        for _ in 1..levels {
+            d = doc! { "n": d };
+        }
+        RawDocumentBuf::from_document(&d).unwrap()
+    }
+
+    #[test]
+    fn nesting_is_accepted_to_mongodbs_limit_and_refused_beyond() {
+        assert!(document_to_json(&nested(MAX_DEPTH)).is_ok());
+        let err = document_to_json(&nested(MAX_DEPTH + 1)).unwrap_err();
+        assert!(err.0.starts_with("nested deeper than 100 levels"), "{err}");
+        // Arrays count as levels too, and a very deep document never overflows the stack.
+        // Built as bytes: bson's own builders recurse and would overflow first.
+        let wrap = |element_type: u8, key: &[u8], inner: &[u8]| {
+            let mut body = vec![element_type];
+            body.extend_from_slice(key);
+            body.push(0);
+            body.extend_from_slice(inner);
+            let mut out = ((4 + body.len() + 1) as i32).to_le_bytes().to_vec();
+            out.extend_from_slice(&body);
+            out.push(0);
+            out
+        };
+        let mut inner = wrap(0x10, b"0", &1i32.to_le_bytes());
+        for _ in 0..10_000 {
+            inner = wrap(0x04, b"0", &inner);
+        }
+        let raw = RawDocumentBuf::from_bytes(wrap(0x04, b"a", &inner)).unwrap();
+        assert!(
+            document_to_json(&raw)
+                .unwrap_err()
+                .0
+                .contains("nested deeper")
+        );
+        let lossy = lossy_document_json(&raw, usize::MAX).to_string();
+        assert!(lossy.contains("nested deeper than 100 levels"), "{lossy}");
+    }
+
+    #[test]
+    fn a_key_written_twice_is_refused_and_kept_twice_in_the_lossy_view() {
+        let mut raw = RawDocumentBuf::new();
+        raw.append("a", 1);
+        raw.append("a", 2);
+        let err = document_to_json(&raw).unwrap_err();
+        assert!(
+            err.0.starts_with("key appears twice") && err.0.ends_with("at `a`"),
+            "{err}"
+        );
+        assert_eq!(
+            lossy_document_json(&raw, usize::MAX),
+            json!({"a": 1, "a#2": 2})
+        );
+    }
+
+    #[test]
+    fn empty_and_dollar_keys_are_kept_as_written() {
+        let raw = RawDocumentBuf::from_document(&doc! { "": 1, "$set": { "$x": "y" } }).unwrap();
+        assert_eq!(
+            document_to_json(&raw).unwrap(),
+            json!({"": 1, "$set": {"$x": "y"}})
+        );
+    }
+
+    #[test]
+    fn occurred_at_outside_postgres_range_is_refused() {
+        let raw = RawDocumentBuf::from_document(&doc! {
+            "earliest": BsonDateTime::from_millis(PG_MIN_TIMESTAMP_MS),
+            "too_early": BsonDateTime::from_millis(PG_MIN_TIMESTAMP_MS - 1),
+            "far": BsonDateTime::from_millis(i64::MAX),
+            "ms_too_early": PG_MIN_TIMESTAMP_MS - 1,
+        })
+        .unwrap();
+        let get = |k: &str| occurred_at(raw.get(k).unwrap().unwrap());
+        assert!(get("earliest").unwrap().is_some());
+        for k in ["too_early", "far", "ms_too_early"] {
+            assert!(get(k).unwrap_err().0.contains("out of range"), "{k}");
+        }
+    }
+
+    #[test]
+    fn the_lossy_view_never_fails_and_stays_within_its_budget() {
+        let raw = RawDocumentBuf::from_document(&doc! {
+            "nul": "a\0b",
+            "big": "x".repeat(100_000),
+            "bin": Binary { subtype: BinarySubtype::Generic, bytes: vec![7; 100_000] },
+            "after": [1, 2, 3],
+        })
+        .unwrap();
+        let full = lossy_document_json(&raw, usize::MAX);
+        assert_eq!(full["nul"], json!("a\u{FFFD}b"));
+        let cut = lossy_document_json(&raw, 4096).to_string();
+        assert!(cut.len() < 4096 + 200, "{} bytes", cut.len());
+        assert!(cut.contains('…'));
     }
 }
