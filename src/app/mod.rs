@@ -15,7 +15,7 @@ use crate::gateway::{self, Gateway};
 use crate::jobs::Deps;
 use crate::scheduler::{Ledger, RunResult, Scheduler, SchedulerError, TriggerError, ledger};
 use crate::store::embedded::{self, EmbeddedError, EmbeddedPostgres};
-use crate::store::{Store, StoreError, Target};
+use crate::store::{PoolOptions, Store, StoreError, Target};
 use crate::telemetry::metrics::Metrics;
 
 pub use reload::{Cause, Reloader};
@@ -69,13 +69,14 @@ impl Database {
                 (target, Some(pg))
             }
         };
-        let store = match Store::connect(
-            &target,
-            settings.db_max_connections,
-            settings.db_connect_timeout,
-        )
-        .await
-        {
+        let pool = PoolOptions {
+            max_connections: settings.db_max_connections,
+            lock_connections: settings.db_lock_connections,
+            acquire_timeout: settings.db_acquire_timeout,
+            statement_timeout: settings.db_statement_timeout,
+            keepalive: settings.db_keepalive,
+        };
+        let store = match Store::connect_with(&target, &pool, settings.db_connect_timeout).await {
             Ok(store) => store,
             Err(e) => {
                 if let Some(pg) = &embedded

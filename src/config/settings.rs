@@ -193,6 +193,14 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub db_max_connections: u32,
     pub db_connect_timeout: Duration,
+    /// Bound on one connection attempt or the wait for a pooled connection.
+    pub db_acquire_timeout: Duration,
+    /// PostgreSQL's `statement_timeout` for vigil's connections; `None`: off.
+    pub db_statement_timeout: Option<Duration>,
+    /// Server-side TCP keepalive idle time for vigil's connections; `None`: off.
+    pub db_keepalive: Option<Duration>,
+    /// Size of the pool that holds `cluster` jobs' advisory locks.
+    pub db_lock_connections: u32,
     pub pg_bin_dir: Option<PathBuf>,
     /// With a token, every request that starts work needs `Authorization: Bearer <token>`.
     pub api_token: Option<Secret>,
@@ -297,6 +305,26 @@ const KEYS: &[Key] = &[
         var: "VIGIL_DB_CONNECT_TIMEOUT",
     },
     Key {
+        name: "db_acquire_timeout",
+        in_runner: true,
+        var: "VIGIL_DB_ACQUIRE_TIMEOUT",
+    },
+    Key {
+        name: "db_statement_timeout",
+        in_runner: true,
+        var: "VIGIL_DB_STATEMENT_TIMEOUT",
+    },
+    Key {
+        name: "db_keepalive",
+        in_runner: true,
+        var: "VIGIL_DB_KEEPALIVE",
+    },
+    Key {
+        name: "db_lock_connections",
+        in_runner: true,
+        var: "VIGIL_DB_LOCK_CONNECTIONS",
+    },
+    Key {
         name: "pg_bin_dir",
         in_runner: true,
         var: "VIGIL_PG_BIN_DIR",
@@ -350,6 +378,18 @@ mod defaults {
     pub const DB_MAX_CONNECTIONS: i64 = 10;
     /// A database container can take this long to accept connections after boot.
     pub const DB_CONNECT_TIMEOUT: &str = "30s";
+    /// One connection attempt (or the wait for a pooled connection): long enough for a
+    /// TLS handshake across a region, short enough that a firing whose claim cannot
+    /// reach PostgreSQL is recorded failed promptly.
+    pub const DB_ACQUIRE_TIMEOUT: &str = "10s";
+    /// No statement of vigil's runs longer (batches are bounded); a stuck one is cut.
+    pub const DB_STATEMENT_TIMEOUT: &str = "60s";
+    /// Idle time before the server probes a silent connection: a vanished replica's
+    /// advisory locks are released within about twice this.
+    pub const DB_KEEPALIVE: &str = "30s";
+    /// Connections that hold `cluster` jobs' advisory locks for the length of a run:
+    /// the number of such runs that can go on at once on this replica.
+    pub const DB_LOCK_CONNECTIONS: i64 = 8;
     pub const DB_HOST: &str = "localhost";
     pub const DB_PORT: i64 = 5432;
     pub const DB_USER: &str = "vigil";
@@ -478,6 +518,10 @@ impl Settings {
             .and_then(|b| b.set_default("data_dir", defaults::DATA_DIR))
             .and_then(|b| b.set_default("db_max_connections", defaults::DB_MAX_CONNECTIONS))
             .and_then(|b| b.set_default("db_connect_timeout", defaults::DB_CONNECT_TIMEOUT))
+            .and_then(|b| b.set_default("db_acquire_timeout", defaults::DB_ACQUIRE_TIMEOUT))
+            .and_then(|b| b.set_default("db_statement_timeout", defaults::DB_STATEMENT_TIMEOUT))
+            .and_then(|b| b.set_default("db_keepalive", defaults::DB_KEEPALIVE))
+            .and_then(|b| b.set_default("db_lock_connections", defaults::DB_LOCK_CONNECTIONS))
             .and_then(|b| b.set_default("api_reads_open", defaults::API_READS_OPEN))
             .and_then(|b| b.set_default("reading_sync_job", defaults::READING_SYNC_JOB))
             .and_then(|b| b.set_default("loki_max_buffer", defaults::LOKI_MAX_BUFFER))
@@ -521,6 +565,14 @@ impl Settings {
                 s.parse::<u32>().ok().filter(|n| (1..=1000).contains(n))
             });
         let db_connect_timeout = r.duration("db_connect_timeout");
+        let db_acquire_timeout = r.duration("db_acquire_timeout");
+        let db_statement_timeout = r.duration_or_off("db_statement_timeout");
+        let db_keepalive = r.duration_or_off("db_keepalive");
+        let db_lock_connections = r.parsed(
+            "db_lock_connections",
+            "a whole number from 1 to 1000",
+            |s| s.parse::<u32>().ok().filter(|n| (1..=1000).contains(n)),
+        );
         let pg_bin_dir = r.string("pg_bin_dir").map(PathBuf::from);
         let api_token = r.string("api_token").map(Secret::new);
         let api_reads_open = r.parsed("api_reads_open", "true or false", parse_bool);
@@ -558,6 +610,12 @@ impl Settings {
             api_reads_open,
             reading_sync_job,
             loki_max_buffer,
+            (
+                db_acquire_timeout,
+                db_statement_timeout,
+                db_keepalive,
+                db_lock_connections,
+            ),
         ) {
             (
                 Some(port),
@@ -569,6 +627,12 @@ impl Settings {
                 Some(api_reads_open),
                 Some(reading_sync_job),
                 Some(loki_max_buffer),
+                (
+                    Some(db_acquire_timeout),
+                    Some(db_statement_timeout),
+                    Some(db_keepalive),
+                    Some(db_lock_connections),
+                ),
             ) => Ok(Settings {
                 database,
                 port,
@@ -580,6 +644,10 @@ impl Settings {
                 data_dir,
                 db_max_connections,
                 db_connect_timeout,
+                db_acquire_timeout,
+                db_statement_timeout,
+                db_keepalive,
+                db_lock_connections,
                 pg_bin_dir,
                 api_token,
                 api_reads_open,
@@ -654,6 +722,15 @@ impl Reader<'_> {
                 None
             }
         }
+    }
+
+    /// A duration, or `0`/`off` for none.
+    fn duration_or_off(&mut self, key: &'static str) -> Option<Option<Duration>> {
+        let raw = self.string(key)?;
+        if matches!(raw.trim(), "0" | "off") {
+            return Some(None);
+        }
+        self.duration(key).map(Some)
     }
 
     fn database(&mut self) -> Option<DatabaseTarget> {

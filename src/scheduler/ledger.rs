@@ -152,7 +152,7 @@ async fn writer(
                 metrics.ledger_queued.set(pending.len() as i64);
                 delay = Duration::from_millis(100);
             }
-            Err(e) if is_rejected(&e) => {
+            Err(e) if e.is_data_rejection() => {
                 // The database refused the rows themselves: write them one by one so a
                 // single bad record cannot block the ledger forever.
                 for r in &batch {
@@ -205,14 +205,4 @@ fn coalesce<'a>(records: impl Iterator<Item = &'a RunRecord>) -> Vec<RunRecord> 
         }
     }
     out
-}
-
-/// A constraint or data error: retrying the same rows cannot succeed.
-fn is_rejected(e: &crate::store::StoreError) -> bool {
-    match e {
-        crate::store::StoreError::Query(sqlx::Error::Database(db)) => db
-            .code()
-            .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
-        _ => false,
-    }
 }

@@ -526,8 +526,20 @@ impl Inner {
             }
         };
         if let Some(missed) = slot.spec.schedule.latest_in(last, now) {
-            if !self.claim(slot, missed).await {
-                return;
+            match self.claim(slot, missed).await {
+                Claim::Won => {}
+                Claim::Lost => return,
+                Claim::Failed(reason) => {
+                    self.record_refusal(
+                        slot,
+                        firing_id(&slot.spec.name, missed),
+                        Trigger::CatchUp,
+                        missed,
+                        RunStatus::Failed,
+                        reason,
+                    );
+                    return;
+                }
             }
             tracing::info!(job = %slot.spec.name, %missed, last_firing = %last, "catching up a missed firing");
             if let Err(e) = self.fire(slot, Trigger::CatchUp, missed) {
@@ -635,9 +647,9 @@ impl Inner {
 
     /// For a `cluster`-scoped job: whether this replica runs the firing at
     /// `scheduled_at` (the first replica to claim it does).
-    async fn claim(&self, slot: &Slot, scheduled_at: DateTime<Utc>) -> bool {
+    async fn claim(&self, slot: &Slot, scheduled_at: DateTime<Utc>) -> Claim {
         if slot.spec.scope != Scope::Cluster {
-            return true;
+            return Claim::Won;
         }
         match self
             .ledger
@@ -645,13 +657,46 @@ impl Inner {
             .claim_firing(&slot.spec.name, scheduled_at, &self.host)
             .await
         {
-            Ok(won) => won,
+            Ok(true) => Claim::Won,
+            Ok(false) => Claim::Lost,
             Err(e) => {
-                tracing::warn!(job = %slot.spec.name, %scheduled_at, error = %e, "cannot claim the firing; leaving it to other replicas");
-                false
+                tracing::warn!(job = %slot.spec.name, %scheduled_at, error = %e, "cannot claim the firing; recording it failed");
+                Claim::Failed(format!("cannot claim the firing in PostgreSQL: {e}"))
             }
         }
     }
+}
+
+/// Whether this replica runs a firing.
+enum Claim {
+    Won,
+    /// Another replica claimed it.
+    Lost,
+    /// PostgreSQL could not be asked; the reason.
+    Failed(String),
+}
+
+/// The ledger id of a firing that could not be claimed: the same on every replica
+/// (and every build: FNV-1a, not the standard library's hasher), so however many fail
+/// to claim it, its row is written once. A UUIDv7 carrying the firing's time, so it
+/// sorts with the runs around it.
+fn firing_id(job: &str, scheduled_at: DateTime<Utc>) -> Uuid {
+    let fnv = |seed: u64| {
+        let mut h = 0xcbf2_9ce4_8422_2325_u64 ^ seed;
+        for b in job
+            .bytes()
+            .chain(scheduled_at.timestamp_micros().to_le_bytes())
+        {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h
+    };
+    let mut random = [0u8; 10];
+    random[..8].copy_from_slice(&fnv(1).to_le_bytes());
+    random[8..].copy_from_slice(&fnv(2).to_le_bytes()[..2]);
+    let millis = u64::try_from(scheduled_at.timestamp_millis()).unwrap_or(0);
+    uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
 }
 
 /// Receives ticks from the clock: re-arms the job, then starts the run on its instant.
@@ -687,13 +732,58 @@ async fn dispatch(inner: Arc<Inner>, mut ticks: mpsc::UnboundedReceiver<Tick>) {
             {
                 return;
             }
-            if !inner2.claim(&slot, tick.due).await {
-                return;
+            match inner2.claim(&slot, tick.due).await {
+                Claim::Won => {}
+                Claim::Lost => return,
+                Claim::Failed(reason) => {
+                    // Every replica that fails to claim writes this row under the
+                    // same id, so the firing still has exactly one.
+                    inner2.record_refusal(
+                        &slot,
+                        firing_id(&slot.spec.name, tick.due),
+                        Trigger::Schedule,
+                        tick.due,
+                        RunStatus::Failed,
+                        reason,
+                    );
+                    return;
+                }
             }
             let lag = (Utc::now() - tick.due).to_std().unwrap_or(Duration::ZERO);
             inner2.metrics.lag(&slot.spec.name, lag);
-            // A refusal is already recorded and logged by `fire`.
-            let _ = inner2.fire(&slot, Trigger::Schedule, tick.due);
+            // Other refusals are recorded and logged by `fire`; a shutdown that began
+            // after this firing was claimed leaves it unrun, which its row says.
+            if let Err(TriggerError::Stopping) = inner2.fire(&slot, Trigger::Schedule, tick.due) {
+                inner2.record_refusal(
+                    &slot,
+                    Uuid::now_v7(),
+                    Trigger::Schedule,
+                    tick.due,
+                    RunStatus::Skipped,
+                    "vigil was shutting down when the firing came".to_owned(),
+                );
+            }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unclaimed_firing_has_one_id_everywhere_carrying_its_time() {
+        let at = DateTime::parse_from_rfc3339("2026-11-29T03:15:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let a = firing_id("nightly", at);
+        assert_eq!(a, firing_id("nightly", at), "same job, same instant");
+        assert_ne!(a, firing_id("nightly", at + chrono::Duration::seconds(1)));
+        assert_ne!(a, firing_id("hourly", at));
+        assert_eq!(a.get_version_num(), 7);
+        let (secs, _) = a.get_timestamp().unwrap().to_unix();
+        assert_eq!(secs as i64, at.timestamp());
+        // Pinned: replicas on other builds must agree.
+        assert_eq!(a.to_string(), "01a2254c-7f20-74c5-b2b3-3810193e8140");
     }
 }

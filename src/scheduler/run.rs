@@ -46,13 +46,23 @@ pub(super) async fn govern(
     // run, so it waits its turn like `forbid`.
     let mut cluster_lock = None;
     if spec.scope == Scope::Cluster && spec.overlap != Overlap::Allow {
-        match acquire_cluster_lock(&inner, spec).await {
-            Ok(Some(lock)) => cluster_lock = Some(lock),
+        // Bounded by the store's call bound, and given up when the run is cancelled
+        // (a shutdown past its grace period, a replacement).
+        let outcome = tokio::select! {
+            r = acquire_cluster_lock(&inner, spec) => Some(r),
+            () = active.cancel.cancelled() => None,
+        };
+        match outcome {
+            Some(Ok(Some(lock))) => cluster_lock = Some(lock),
             outcome => {
                 let (status, reason) = match outcome {
-                    Err(e) => (
+                    Some(Err(e)) => (
                         RunStatus::Failed,
                         format!("cannot take the job's cluster lock: {e}"),
+                    ),
+                    None => (
+                        RunStatus::Skipped,
+                        "cancelled while waiting for the job's cluster lock".to_owned(),
                     ),
                     _ => (
                         RunStatus::Skipped,

@@ -16,7 +16,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let ts: Vec<DateTime<Utc>> = rows.iter().map(|r| r.0).collect();
         let metrics: Vec<&str> = rows.iter().map(|r| r.1).collect();
-        sqlx::query(
+        let write = sqlx::query(
             "WITH inserted AS (
                  INSERT INTO system_metrics (ts, host, metrics)
                  SELECT t, $2, m::jsonb FROM UNNEST($1::timestamptz[], $3::text[]) AS u(t, m)
@@ -47,8 +47,8 @@ impl Store {
         .bind(&ts)
         .bind(host)
         .bind(&metrics)
-        .execute(&self.pool)
-        .await?;
+        .execute(&self.pool);
+        self.bounded(async { Ok(write.await?) }).await?;
         Ok(())
     }
 }

@@ -32,6 +32,8 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("PostgreSQL: {0}")]
     Query(#[from] sqlx::Error),
+    #[error("PostgreSQL did not answer within {0:?}")]
+    TimedOut(Duration),
 }
 
 impl StoreError {
@@ -52,6 +54,64 @@ impl StoreError {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
+    /// Connections that hold advisory locks for the length of a run, reused from run
+    /// to run (see [`sync::JobLock`]).
+    locks: PgPool,
+    /// Client-side bound on the calls the scheduler and the writers make: sqlx 0.8
+    /// cannot set TCP keepalives on its sockets, so a server that vanished without a
+    /// word would otherwise leave them waiting for an answer forever.
+    call_timeout: Duration,
+}
+
+/// How vigil's connections behave. Defaults match the settings' defaults.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    pub max_connections: u32,
+    pub lock_connections: u32,
+    /// One connection attempt, or the wait for a pooled connection.
+    pub acquire_timeout: Duration,
+    /// PostgreSQL's `statement_timeout` on every connection.
+    pub statement_timeout: Option<Duration>,
+    /// Server-side TCP keepalives (`tcp_keepalives_idle`; probes every third of it,
+    /// three of them): the server notices a vanished vigil and frees its locks.
+    pub keepalive: Option<Duration>,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 10,
+            lock_connections: 8,
+            acquire_timeout: Duration::from_secs(10),
+            statement_timeout: Some(Duration::from_secs(60)),
+            keepalive: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl PoolOptions {
+    /// How long a client-side bounded call may take: the statement timeout (the
+    /// server's own bound) and a connection's acquisition, plus a margin.
+    fn call_timeout(&self) -> Duration {
+        self.statement_timeout.unwrap_or(Duration::from_secs(300))
+            + self.acquire_timeout
+            + Duration::from_secs(5)
+    }
+
+    /// `options` with the statement timeout and keepalives set for every session.
+    fn apply(&self, options: PgConnectOptions) -> PgConnectOptions {
+        let mut params: Vec<(&str, String)> = Vec::new();
+        if let Some(t) = self.statement_timeout {
+            params.push(("statement_timeout", format!("{}ms", t.as_millis())));
+        }
+        if let Some(k) = self.keepalive {
+            let idle = k.as_secs().max(1);
+            params.push(("tcp_keepalives_idle", idle.to_string()));
+            params.push(("tcp_keepalives_interval", (idle / 3).max(1).to_string()));
+            params.push(("tcp_keepalives_count", "3".into()));
+        }
+        options.options(params)
+    }
 }
 
 /// Connection parameters with a printable, password-free name.
@@ -103,28 +163,56 @@ impl Target {
 }
 
 impl Store {
-    /// Connects, retrying until `wait` has passed: a database container is often
-    /// still starting when vigil's container is.
+    /// Connects with default [`PoolOptions`] and `max_connections`, retrying until
+    /// `wait` has passed.
     pub async fn connect(
         target: &Target,
         max_connections: u32,
         wait: Duration,
     ) -> Result<Self, StoreError> {
-        let options = target
-            .options
-            .clone()
-            .application_name("vigil")
-            .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(5));
+        let options = PoolOptions {
+            max_connections,
+            ..PoolOptions::default()
+        };
+        Self::connect_with(target, &options, wait).await
+    }
+
+    /// Connects, retrying until `wait` has passed: a database container is often
+    /// still starting when vigil's container is.
+    pub async fn connect_with(
+        target: &Target,
+        pool: &PoolOptions,
+        wait: Duration,
+    ) -> Result<Self, StoreError> {
+        let options = pool.apply(
+            target
+                .options
+                .clone()
+                .application_name("vigil")
+                .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(5)),
+        );
         let deadline = tokio::time::Instant::now() + wait;
         let mut delay = Duration::from_millis(100);
         loop {
             let attempt = PgPoolOptions::new()
-                .max_connections(max_connections)
-                .acquire_timeout(Duration::from_secs(5))
+                .max_connections(pool.max_connections)
+                .acquire_timeout(pool.acquire_timeout.min(wait.max(Duration::from_secs(1))))
                 .connect_with(options.clone())
                 .await;
             match attempt {
-                Ok(pool) => return Ok(Self { pool }),
+                Ok(main) => {
+                    let locks = PgPoolOptions::new()
+                        .max_connections(pool.lock_connections)
+                        .min_connections(0)
+                        .idle_timeout(Duration::from_secs(600))
+                        .acquire_timeout(pool.acquire_timeout)
+                        .connect_lazy_with(options.clone().application_name("vigil-locks"));
+                    return Ok(Self {
+                        pool: main,
+                        locks,
+                        call_timeout: pool.call_timeout(),
+                    });
+                }
                 Err(e) if tokio::time::Instant::now() + delay < deadline && is_transient(&e) => {
                     tracing::info!(target = %target.display, error = %e, "waiting for PostgreSQL");
                     tokio::time::sleep(delay).await;
@@ -141,18 +229,54 @@ impl Store {
         }
     }
 
-    /// Wraps an existing pool (tests, tools).
+    /// Wraps an existing pool (tests, tools); locks get a small pool of their own
+    /// with the same connection options.
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
+        let defaults = PoolOptions::default();
+        let locks = PgPoolOptions::new()
+            .max_connections(defaults.lock_connections)
+            .acquire_timeout(defaults.acquire_timeout)
+            .connect_lazy_with(
+                pool.connect_options()
+                    .as_ref()
+                    .clone()
+                    .application_name("vigil-locks"),
+            );
+        Self {
+            pool,
+            locks,
+            call_timeout: defaults.call_timeout(),
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
 
+    /// Runs one call with the client-side bound (see [`Store::call_timeout`]).
+    pub(crate) async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.call_timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::TimedOut(self.call_timeout)),
+        }
+    }
+
     /// Applies the embedded migrations. Concurrent runners serialise on sqlx's lock.
+    /// The statement timeout does not apply: converting a large table may take long.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("./migrations").run(&self.pool).await?;
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query("SET statement_timeout = 0")
+            .execute(&mut *conn)
+            .await?;
+        let result = sqlx::migrate!("./migrations").run(&mut *conn).await;
+        // Back to the session's own default before the connection returns to the pool.
+        sqlx::query("RESET statement_timeout")
+            .execute(&mut *conn)
+            .await?;
+        result?;
         Ok(())
     }
 
@@ -163,6 +287,7 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        self.locks.close().await;
         self.pool.close().await;
     }
 }
@@ -191,7 +316,12 @@ fn is_transient(e: &sqlx::Error) -> bool {
 /// Creates database `name` through `admin` if it does not exist yet.
 pub async fn ensure_database(admin: &PgConnectOptions, name: &str) -> Result<(), StoreError> {
     use sqlx::Connection as _;
-    let mut conn = sqlx::PgConnection::connect_with(admin).await?;
+    let mut conn = tokio::time::timeout(
+        PoolOptions::default().acquire_timeout,
+        sqlx::PgConnection::connect_with(admin),
+    )
+    .await
+    .map_err(|_| StoreError::TimedOut(PoolOptions::default().acquire_timeout))??;
     let exists: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
             .bind(name)

@@ -194,7 +194,7 @@ impl Store {
             errors.push(r.error.as_deref());
             hosts.push(r.host.as_str());
         }
-        sqlx::query(
+        let write = sqlx::query(
             "INSERT INTO job_runs (id, job, kind, trigger, attempt, retry_of, scheduled_at, \
                                    started_at, finished_at, status, items, error, host)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], \
@@ -221,8 +221,8 @@ impl Store {
         .bind(&items)
         .bind(&errors)
         .bind(&hosts)
-        .execute(&self.pool)
-        .await?;
+        .execute(&self.pool);
+        self.bounded(async { Ok(write.await?) }).await?;
         Ok(())
     }
 

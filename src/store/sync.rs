@@ -1,8 +1,8 @@
 //! What `mongo_sync` writes: the target table, `sync_rejects`, and the job's lock.
 
 use chrono::{DateTime, Utc};
-use sqlx::Connection as _;
-use sqlx::postgres::PgConnection;
+use sqlx::Postgres;
+use sqlx::pool::PoolConnection;
 
 use super::{Store, StoreError};
 use crate::config::Ident;
@@ -43,18 +43,37 @@ pub struct Loaded {
     pub conflicting: Vec<String>,
 }
 
-/// A session-level advisory lock on its own connection: held while this value lives,
-/// released by PostgreSQL when the connection closes (also if vigil dies).
+/// A session-level advisory lock, held on a connection of the lock pool while this
+/// value lives. Released by [`JobLock::release`], which returns the connection to the
+/// pool; dropped without it (a cancelled run), the connection is closed instead, and
+/// PostgreSQL releases the lock with the session (as it does if vigil dies).
 pub struct JobLock {
-    conn: PgConnection,
+    conn: Option<PoolConnection<Postgres>>,
 }
 
 impl JobLock {
     pub async fn release(mut self) {
-        let _ = sqlx::query("SELECT pg_advisory_unlock_all()")
-            .execute(&mut self.conn)
-            .await;
-        let _ = self.conn.close().await;
+        if let Some(mut conn) = self.conn.take() {
+            let unlocked = sqlx::query("SELECT pg_advisory_unlock_all()")
+                .execute(&mut *conn)
+                .await;
+            if unlocked.is_err() {
+                // Unsure whether the lock is gone: never hand it on with the session.
+                conn.close_on_drop();
+            } else {
+                // Back in the pool before the run is reported finished, so the next
+                // run takes this connection rather than opening one.
+                conn.return_to_pool().await;
+            }
+        }
+    }
+}
+
+impl Drop for JobLock {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.close_on_drop();
+        }
     }
 }
 
@@ -67,7 +86,7 @@ impl Store {
         scheduled_at: DateTime<Utc>,
         host: &str,
     ) -> Result<bool, StoreError> {
-        let claimed: Option<String> = sqlx::query_scalar(
+        let claim = sqlx::query_scalar(
             "WITH old AS (
                  DELETE FROM job_claims WHERE job = $1 AND scheduled_at < $2 - interval '7 days'
              )
@@ -78,14 +97,13 @@ impl Store {
         .bind(job)
         .bind(scheduled_at)
         .bind(host)
-        .fetch_optional(&self.pool)
-        .await?;
+        .fetch_optional(&self.pool);
+        let claimed: Option<String> = self.bounded(async { Ok(claim.await?) }).await?;
         Ok(claimed.is_some())
     }
 
-    /// Takes job `name`'s lock unless another session holds it (then `None`). The lock
-    /// lives on a connection outside the pool, so a cancelled run cannot leave it held
-    /// on a pooled connection: dropping the value closes the session.
+    /// Takes job `name`'s lock unless another session holds it (then `None`), within
+    /// the store's call bound.
     pub async fn try_job_lock(&self, name: &str) -> Result<Option<JobLock>, StoreError> {
         self.try_lock(&format!("vigil.job:{name}")).await
     }
@@ -97,18 +115,16 @@ impl Store {
     }
 
     async fn try_lock(&self, key: &str) -> Result<Option<JobLock>, StoreError> {
-        let options = self.pool.connect_options();
-        let mut conn = PgConnection::connect_with(&options).await?;
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-            .bind(key)
-            .fetch_one(&mut conn)
-            .await?;
-        if got {
-            Ok(Some(JobLock { conn }))
-        } else {
-            let _ = conn.close().await;
-            Ok(None)
-        }
+        self.bounded(async {
+            let mut conn = self.locks.acquire().await?;
+            let got: bool =
+                sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                    .bind(key)
+                    .fetch_one(&mut *conn)
+                    .await?;
+            Ok(got.then_some(JobLock { conn: Some(conn) }))
+        })
+        .await
     }
 
     /// Loads `rows` into `table` in one transaction and says, for each, whether it was

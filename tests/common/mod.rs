@@ -291,3 +291,82 @@ pub fn http() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::new()
 }
+
+/// A PostgreSQL cluster of the test's own (the embedded one, in a temporary
+/// directory), which a fault test may stop and start: never the shared server.
+pub struct OwnPostgres {
+    pub pg: Option<vigil::store::embedded::EmbeddedPostgres>,
+    dir: tempfile::TempDir,
+}
+
+impl OwnPostgres {
+    pub async fn start() -> Self {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut me = Self { pg: None, dir };
+        me.up().await;
+        vigil::store::ensure_database(
+            &me.pg.as_ref().unwrap().connect_options("postgres"),
+            vigil::store::embedded::DATABASE,
+        )
+        .await
+        .unwrap();
+        me
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("pg")
+    }
+
+    /// Starts (again) the cluster, on the port it had.
+    pub async fn up(&mut self) {
+        let data = self.data();
+        let pg = tokio::task::spawn_blocking(move || {
+            vigil::store::embedded::EmbeddedPostgres::start(&data, None)
+                .expect("start a throwaway PostgreSQL")
+        })
+        .await
+        .unwrap();
+        self.pg = Some(pg);
+    }
+
+    /// Stops the cluster (fast shutdown: sessions are cut).
+    pub async fn down(&mut self) {
+        if let Some(pg) = self.pg.take() {
+            tokio::task::spawn_blocking(move || pg.stop().unwrap())
+                .await
+                .unwrap();
+        }
+    }
+
+    pub fn target(&self) -> vigil::store::Target {
+        let pg = self.pg.as_ref().expect("running");
+        vigil::store::Target {
+            options: pg.connect_options(vigil::store::embedded::DATABASE),
+            display: pg.describe(),
+        }
+    }
+
+    /// A URL for the real binary (the password is in the data directory).
+    pub fn url(&self) -> String {
+        let pg = self.pg.as_ref().expect("running");
+        let password = std::fs::read_to_string(self.dir.path().join("postgres.password"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        format!(
+            "postgres://vigil:{password}@127.0.0.1:{}/{}",
+            pg.port(),
+            vigil::store::embedded::DATABASE
+        )
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        if let Some(pg) = self.pg.take() {
+            let _ = pg.stop();
+        }
+    }
+}
