@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use common::{TestDb, eventually};
 use serde_json::Value;
 use vigil::config::{self, JobSpec};
-use vigil::jobs::{self, Deps, RunContext};
+use vigil::jobs::{self, Deps, Job as _, RunContext};
 use vigil::scheduler::{Ledger, Scheduler, ledger};
 use vigil::store::embedded::{self, EmbeddedPostgres};
 use vigil::store::{Store, Target};
@@ -345,4 +345,50 @@ async fn a_full_buffer_drops_the_oldest_samples_and_counts_them() {
     }
     assert_eq!(job.queue().len(), 10);
     assert_eq!(job.queue().dropped(), 15);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sample_still_in_progress_makes_the_next_firing_skip_not_wait() {
+    let db = TestDb::new().await;
+    let spec = spec("1s", "collect = [\"cpu\", \"memory\"]");
+    let vigil::jobs::KindConfig::SystemMetrics(c) = &spec.settings else {
+        unreachable!()
+    };
+    let job = vigil::jobs::system_metrics::SystemMetrics::new(
+        "host",
+        c,
+        db.store.clone(),
+        "h",
+        Some(Duration::from_secs(1)),
+        &Default::default(),
+    )
+    .unwrap();
+    job.inject_stall(Duration::from_secs(3));
+    // The run is cut off (as its timeout would), but the blocked read goes on...
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), job.run(ctx()))
+            .await
+            .is_err()
+    );
+    // ...so the next firings skip, at once, saying why, rather than queue up threads.
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        match job.run(ctx()).await.unwrap() {
+            vigil::jobs::RunOutcome::Skipped { reason } => {
+                assert!(
+                    reason.contains("previous sample is still being taken"),
+                    "{reason}"
+                )
+            }
+            other => panic!("expected a skip, got {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Once it is done, sampling goes on.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        job.run(ctx()).await.unwrap(),
+        vigil::jobs::RunOutcome::Completed { items: Some(1) }
+    );
 }

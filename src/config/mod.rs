@@ -13,7 +13,7 @@ pub use diagnostic::{Diagnostic, Diagnostics, Origin, SourceMap};
 pub use file::{JobsFile, RunnerEntry, Validate, digest, unreadable};
 pub use job::{CatchUp, JobSpec, Overlap, RetryConfig, RetryPolicy, Scope};
 pub use schedule::{CronExpr, Schedule, TimeZone};
-pub use settings::{DatabaseTarget, Environment, Secret, Settings, redact_url};
+pub use settings::{DatabaseTarget, Environment, Secret, Settings, parse_bytes, redact_url};
 pub use types::{HumanDuration, Ident, Slug};
 
 use std::path::Path;

@@ -362,7 +362,12 @@ const KEYS: &[Key] = &[
 ];
 
 /// `VIGIL_*` variables read elsewhere than this table (the CLI's own).
-const OTHER_VIGIL_VARS: &[&str] = &["VIGIL_CONFIG", "VIGIL_LOG", "VIGIL_LOG_FORMAT"];
+const OTHER_VIGIL_VARS: &[&str] = &[
+    "VIGIL_CONFIG",
+    "VIGIL_LOG",
+    "VIGIL_LOG_FORMAT",
+    "VIGIL_LOG_BUFFER",
+];
 
 /// Defaults, each with the reason for its value.
 mod defaults {
@@ -815,7 +820,7 @@ fn parse_labels(s: &str) -> Option<Vec<(String, String)>> {
 }
 
 /// `8MiB`, `512KiB`, `1GiB`, `1048576` → bytes.
-fn parse_bytes(s: &str) -> Option<usize> {
+pub fn parse_bytes(s: &str) -> Option<usize> {
     let s = s.trim();
     let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: usize = digits.parse().ok()?;

@@ -3,7 +3,6 @@
 //! inside a run carries `job`, `run_id`, `attempt` and `trigger` at the top level.
 //! The same object is written to stdout and shipped to Loki.
 
-use std::io::Write as _;
 use std::time::SystemTime;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -15,8 +14,8 @@ use tracing_subscriber::Layer;
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 
-use super::LogTarget;
 use super::loki::LokiSink;
+use super::writer::LineWriter;
 
 /// A span's fields, kept in its extensions by [`SpanFields`].
 pub struct Fields(pub Map<String, Value>);
@@ -93,10 +92,10 @@ where
     (out, job)
 }
 
-/// Formats each event once, as a JSON line, and hands it to its outputs: stdout or
-/// stderr (JSON log format), and Loki.
+/// Formats each event once, as a JSON line, and hands it to its outputs: the queue of
+/// stdout or stderr (JSON log format), and Loki. Neither ever waits for its reader.
 pub struct EventSink {
-    pub stdout: Option<LogTarget>,
+    pub stdout: Option<LineWriter>,
     pub loki: Option<LokiSink>,
 }
 
@@ -107,17 +106,14 @@ where
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
         let at = SystemTime::now();
         let (object, job) = event_object(event, &ctx, at.into());
-        let mut line = Value::Object(object).to_string();
+        let line = Value::Object(object).to_string();
         if let Some(loki) = &self.loki {
             loki.send(event.metadata().level(), job.as_deref(), at, &line);
         }
-        if let Some(target) = self.stdout {
-            line.push('\n');
-            // A failed write to our own stdout has nowhere better to be reported.
-            let _ = match target {
-                LogTarget::Stdout => std::io::stdout().lock().write_all(line.as_bytes()),
-                LogTarget::Stderr => std::io::stderr().lock().write_all(line.as_bytes()),
-            };
+        if let Some(out) = &self.stdout {
+            let mut bytes = line.into_bytes();
+            bytes.push(b'\n');
+            out.push(bytes);
         }
     }
 }

@@ -66,6 +66,8 @@ pub struct Inner {
     pub ledger_dropped: Counter,
     pub loki_dropped: Counter,
     pub loki_events: Counter,
+    pub log_lines: Counter,
+    pub log_dropped: Counter,
 }
 
 /// The registry and every metric in it. Cheap to clone.
@@ -168,6 +170,18 @@ impl Metrics {
             "Log events handed to the Loki shipper",
             loki_events.clone(),
         );
+        let log_lines = Counter::default();
+        registry.register(
+            "log_lines",
+            "Log lines queued for stdout (or stderr)",
+            log_lines.clone(),
+        );
+        let log_dropped = Counter::default();
+        registry.register(
+            "log_dropped",
+            "Log lines dropped because the reader of stdout (or stderr) fell behind",
+            log_dropped.clone(),
+        );
         Self(Arc::new(Inner {
             registry,
             runs,
@@ -182,6 +196,8 @@ impl Metrics {
             ledger_dropped,
             loki_dropped,
             loki_events,
+            log_lines,
+            log_dropped,
         }))
     }
 

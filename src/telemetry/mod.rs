@@ -4,11 +4,11 @@
 mod json;
 pub mod loki;
 pub mod metrics;
+pub mod writer;
 
 use std::io::IsTerminal as _;
 
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
@@ -52,6 +52,8 @@ pub struct LogOptions {
     pub format: LogFormat,
     pub filter: String,
     pub target: LogTarget,
+    /// Most bytes of log lines held while the reader of the target is slow.
+    pub buffer_bytes: usize,
 }
 
 impl LogOptions {
@@ -95,25 +97,41 @@ impl LogOptions {
                 expected: "a tracing filter such as \"info\" or \"warn,vigil=debug\"",
             });
         }
+        let buffer_bytes = match env.get("VIGIL_LOG_BUFFER").map(str::trim) {
+            None | Some("") => writer::DEFAULT_CAP_BYTES,
+            Some(raw) => crate::config::parse_bytes(raw)
+                .filter(|b| *b >= 64 << 10)
+                .ok_or_else(|| TelemetryError::BadVar {
+                    var: "VIGIL_LOG_BUFFER",
+                    value: raw.to_owned(),
+                    expected: "a size such as 1MiB or 256KiB, at least 64KiB",
+                })?,
+        };
         Ok(Self {
             format,
             filter,
             target,
+            buffer_bytes,
         })
     }
 }
 
-/// What `init` installed; shut it down last, to flush what Loki has not received.
+/// What `init` installed; shut it down last, to flush what Loki and the log reader
+/// have not received.
 #[derive(Default)]
 pub struct Telemetry {
     pub loki: Option<loki::LokiHandle>,
+    pub lines: Option<writer::WriterHandle>,
 }
 
 impl Telemetry {
-    /// Flushes queued Loki events, waiting at most `wait`.
+    /// Flushes queued Loki events and log lines, waiting at most `wait` for each.
     pub fn shutdown(self, wait: std::time::Duration) {
         if let Some(loki) = self.loki {
             loki.shutdown(wait);
+        }
+        if let Some(lines) = self.lines {
+            lines.shutdown(wait);
         }
     }
 }
@@ -138,14 +156,16 @@ pub fn init(
         }
         None => (None, None),
     };
-    let text = (options.format == LogFormat::Text).then(|| {
-        let writer = match options.target {
-            LogTarget::Stdout => BoxMakeWriter::new(std::io::stdout),
-            LogTarget::Stderr => BoxMakeWriter::new(std::io::stderr),
-        };
-        tracing_subscriber::fmt::layer().with_writer(writer)
-    });
-    let stdout = (options.format == LogFormat::Json).then_some(options.target);
+    let (lines, lines_handle) = writer::start(
+        options.target,
+        options.buffer_bytes,
+        metrics.log_lines.clone(),
+        metrics.log_dropped.clone(),
+    )
+    .map_err(|e| TelemetryError::Loki(format!("cannot start the log writer: {e}")))?;
+    let text = (options.format == LogFormat::Text)
+        .then(|| tracing_subscriber::fmt::layer().with_writer(writer::Queued(lines.clone())));
+    let stdout = (options.format == LogFormat::Json).then_some(lines);
     let sink = (stdout.is_some() || loki_sink.is_some()).then_some(json::EventSink {
         stdout,
         loki: loki_sink,
@@ -158,7 +178,10 @@ pub fn init(
         .try_init()
         .map_err(|_| TelemetryError::AlreadyInstalled)?;
     install_panic_hook();
-    Ok(Telemetry { loki: loki_handle })
+    Ok(Telemetry {
+        loki: loki_handle,
+        lines: Some(lines_handle),
+    })
 }
 
 /// A subscriber that only ships to Loki, without touching the global one (tests,

@@ -7,6 +7,7 @@
 //! dropped, counted and logged. `(host, ts)` is the key, so a batch re-sent after an
 //! ambiguous failure cannot duplicate a row.
 
+mod disks;
 mod sample;
 mod sampler;
 
@@ -101,9 +102,12 @@ fn all_sections() -> Vec<Collect> {
 }
 
 /// Container and runtime mounts: they describe containers, not the host's disks.
+/// The directories themselves too: `/var/lib/docker` is often a mount of its own.
 fn default_exclude_mounts() -> Vec<String> {
     [
+        "/var/lib/docker",
         "/var/lib/docker/*",
+        "/var/lib/containers",
         "/var/lib/containers/*",
         "/run/*",
         "/snap/*",
@@ -112,7 +116,8 @@ fn default_exclude_mounts() -> Vec<String> {
     .to_vec()
 }
 
-/// Memory-backed and overlay file systems: no disk behind them.
+/// Memory-backed and overlay file systems (no disk behind them), and network and FUSE
+/// file systems, whose statistics can hang with their server or daemon.
 fn default_exclude_fs_types() -> Vec<String> {
     [
         "tmpfs",
@@ -122,7 +127,19 @@ fn default_exclude_fs_types() -> Vec<String> {
         "ramfs",
         "nsfs",
         "autofs",
-        "fuse.lxcfs",
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "ceph",
+        "glusterfs",
+        "9p",
+        "afs",
+        "lustre",
+        "fuse",
+        "fuse.*",
+        "fuseblk",
     ]
     .map(String::from)
     .to_vec()
@@ -257,6 +274,12 @@ impl SampleQueue {
 
 pub struct SystemMetrics {
     sampler: Arc<Mutex<Sampler>>,
+    /// Set while a sample is being taken (its start, in ms since the Unix epoch; 0:
+    /// none), by the blocking thread itself, so a sample that outlives its run (a
+    /// timeout cannot stop a blocked read) still keeps the next firings away.
+    sampling_since: Arc<AtomicU64>,
+    /// A delay the next sample takes (tests: a read that hangs).
+    stall: Arc<Mutex<Option<Duration>>>,
     queue: Arc<SampleQueue>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -299,6 +322,8 @@ impl SystemMetrics {
         let writer = tokio::spawn(write_loop(store, host, queue.clone()));
         Ok(Self {
             sampler: Arc::new(Mutex::new(sampler)),
+            sampling_since: Arc::new(AtomicU64::new(0)),
+            stall: Arc::new(Mutex::new(None)),
             queue,
             writer: Mutex::new(Some(writer)),
         })
@@ -307,14 +332,41 @@ impl SystemMetrics {
     pub fn queue(&self) -> &Arc<SampleQueue> {
         &self.queue
     }
+
+    /// Makes the next sample take `delay` longer, as a hanging read would (tests).
+    pub fn inject_stall(&self, delay: Duration) {
+        *self.stall.lock().unwrap_or_else(|p| p.into_inner()) = Some(delay);
+    }
 }
 
 #[async_trait::async_trait]
 impl Job for SystemMetrics {
     async fn run(&self, _ctx: RunContext) -> Result<RunOutcome, JobError> {
+        let now_ms = u64::try_from(Utc::now().timestamp_millis())
+            .unwrap_or(1)
+            .max(1);
+        if let Err(since) =
+            self.sampling_since
+                .compare_exchange(0, now_ms, Ordering::AcqRel, Ordering::Acquire)
+        {
+            // Never a second thread blocked behind the first.
+            return Ok(RunOutcome::Skipped {
+                reason: format!(
+                    "the previous sample is still being taken ({:.1} s so far); \
+                     a read of /proc, /sys or a mount is slow",
+                    now_ms.saturating_sub(since) as f64 / 1000.0
+                ),
+            });
+        }
         let sampler = self.sampler.clone();
+        let busy = self.sampling_since.clone();
+        let stall = self.stall.lock().unwrap_or_else(|p| p.into_inner()).take();
         // Reading /proc and /sys blocks; keep it off the async worker threads.
         let (ts, sample) = tokio::task::spawn_blocking(move || {
+            let _done = ClearOnDrop(busy);
+            if let Some(delay) = stall {
+                std::thread::sleep(delay);
+            }
             let mut s = sampler.lock().unwrap_or_else(|p| p.into_inner());
             let sample = s.sample();
             (Utc::now(), sample)
@@ -342,6 +394,15 @@ impl Job for SystemMetrics {
                 );
             }
         }
+    }
+}
+
+/// Marks the sample finished however the sampling thread ends.
+struct ClearOnDrop(Arc<AtomicU64>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Release);
     }
 }
 

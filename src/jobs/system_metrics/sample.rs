@@ -19,6 +19,10 @@ pub struct Sample {
     pub memory: Option<Memory>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disks: Option<Vec<Disk>>,
+    /// Mounts whose statistics could not be read this time (not answering within the
+    /// bound, or an error): absent when there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disks_unavailable: Option<Vec<UnavailableDisk>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<Network>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -69,6 +73,15 @@ pub struct Disk {
     pub written_bytes: Option<u64>,
     pub read_bytes_per_s: Option<f64>,
     pub written_bytes_per_s: Option<f64>,
+}
+
+/// A mount left out of `disks`, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UnavailableDisk {
+    pub mount: String,
+    pub device: String,
+    pub fs: String,
+    pub error: String,
 }
 
 /// Counts since the previous sample, and the same per second.
@@ -185,6 +198,7 @@ mod tests {
                 read_bytes_per_s: Some(409.6),
                 written_bytes_per_s: None,
             }]),
+            disks_unavailable: None,
             network: Some(Network {
                 interfaces: vec![
                     Interface {
@@ -259,6 +273,7 @@ mod tests {
             cpu: None,
             memory: None,
             disks: None,
+            disks_unavailable: None,
             network: None,
             load: None,
             uptime_s: Some(5),

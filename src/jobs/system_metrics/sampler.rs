@@ -5,14 +5,18 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
+use std::path::PathBuf;
+
 use sysinfo::{
-    CpuRefreshKind, DiskRefreshKind, Disks, MINIMUM_CPU_UPDATE_INTERVAL, Networks, Pid,
-    ProcessRefreshKind, ProcessesToUpdate, System,
+    CpuRefreshKind, MINIMUM_CPU_UPDATE_INTERVAL, Networks, Pid, ProcessRefreshKind,
+    ProcessesToUpdate, System,
 };
 use wildmatch::WildMatch;
 
+use super::disks::{self, Probe, Prober};
 use super::sample::{
-    Cpu, Disk, Interface, Load, Memory, Network, OwnProcess, SHAPE_VERSION, Sample, Traffic, round2,
+    Cpu, Disk, Interface, Load, Memory, Network, OwnProcess, SHAPE_VERSION, Sample, Traffic,
+    UnavailableDisk, round2,
 };
 use super::{Collect, SystemMetricsConfig};
 
@@ -56,7 +60,9 @@ pub struct Sampler {
     collect: BTreeSet<Collect>,
     filters: Filters,
     system: System,
-    disks: Disks,
+    /// Where the host's `/proc` and mounts are seen from (`/` natively).
+    root: PathBuf,
+    prober: Prober,
     networks: Networks,
     pid: Option<Pid>,
     last_at: Instant,
@@ -78,13 +84,13 @@ impl Sampler {
     /// Takes the baseline the first sample is measured against.
     pub fn new(config: &SystemMetricsConfig) -> Result<Self, SamplerError> {
         let system = System::new().map_err(|e| SamplerError(e.to_string()))?;
-        let disks = Disks::new().map_err(|e| SamplerError(e.to_string()))?;
         let networks = Networks::new().map_err(|e| SamplerError(e.to_string()))?;
         let mut me = Self {
             collect: config.collect.iter().copied().collect(),
             filters: Filters::new(config),
             system,
-            disks,
+            root: PathBuf::from("/"),
+            prober: Prober::new(disks::statvfs, disks::STAT_TIMEOUT),
             networks,
             pid: sysinfo::get_current_pid().ok(),
             // Pretend the minimum interval has passed: this baseline is discarded, and
@@ -158,23 +164,45 @@ impl Sampler {
             }
         });
 
+        let mut unavailable = Vec::new();
         let disks = self.wants(Collect::Disk).then(|| {
-            self.disks
-                .refresh_specifics(true, DiskRefreshKind::everything());
+            let mounts = disks::mounts(&self.root).unwrap_or_default();
+            let stats = disks::diskstats(&self.root);
             let mut seen = HashMap::new();
             let mut out = Vec::new();
-            for d in self.disks.iter() {
-                let mount = d.mount_point().to_string_lossy().into_owned();
-                let fs = d.file_system().to_string_lossy().into_owned();
-                if !self.filters.keeps_disk(&mount, &fs) {
+            for m in mounts {
+                // Excluded mounts are never touched, so they can never hang a sample.
+                if !self.filters.keeps_disk(&m.mount_point, &m.fs_type) {
                     continue;
                 }
-                let device = d.name().to_string_lossy().into_owned();
-                let total = d.total_space();
-                let available = d.available_space();
-                let usage = d.usage();
-                let key = (mount.clone(), device.clone());
-                let now_counts = (usage.total_read_bytes, usage.total_written_bytes);
+                let path = self.root.join(m.mount_point.trim_start_matches('/'));
+                let space = match self.prober.probe(&path) {
+                    Probe::Space(space) => space,
+                    Probe::Failed(error) => {
+                        unavailable.push(UnavailableDisk {
+                            mount: m.mount_point,
+                            device: m.source,
+                            fs: m.fs_type,
+                            error,
+                        });
+                        continue;
+                    }
+                    Probe::Unresponsive { since } => {
+                        unavailable.push(UnavailableDisk {
+                            error: format!(
+                                "statistics not answering for {} s; skipped until they do",
+                                since.elapsed().as_secs()
+                            ),
+                            mount: m.mount_point,
+                            device: m.source,
+                            fs: m.fs_type,
+                        });
+                        continue;
+                    }
+                };
+                let io = disks::io_of(&m, &stats, &self.root).unwrap_or_default();
+                let key = (m.mount_point.clone(), m.source.clone());
+                let now_counts = (io.read_bytes, io.written_bytes);
                 let delta = self.previous.disks.get(&key).map(|&(r, w)| {
                     (
                         counter_delta(r, now_counts.0),
@@ -183,12 +211,15 @@ impl Sampler {
                 });
                 seen.insert(key, now_counts);
                 out.push(Disk {
-                    mount,
-                    device,
-                    fs,
-                    total_bytes: total,
-                    available_bytes: available,
-                    used_pct: pct(total.saturating_sub(available), total),
+                    mount: m.mount_point,
+                    device: m.source,
+                    fs: m.fs_type,
+                    total_bytes: space.total_bytes,
+                    available_bytes: space.available_bytes,
+                    used_pct: pct(
+                        space.total_bytes.saturating_sub(space.available_bytes),
+                        space.total_bytes,
+                    ),
                     read_bytes: delta.map(|d| d.0),
                     written_bytes: delta.map(|d| d.1),
                     read_bytes_per_s: delta.map(|d| per_s(d.0)),
@@ -291,6 +322,7 @@ impl Sampler {
             cpu,
             memory,
             disks,
+            disks_unavailable: (!unavailable.is_empty()).then_some(unavailable),
             network,
             load,
             uptime_s,
