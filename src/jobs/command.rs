@@ -1,15 +1,28 @@
 //! `command`: runs a program, like a crontab line, under vigil's governance.
 //!
-//! Its output becomes log events of the run (stdout at info, stderr at warn), and a
-//! cancelled run (timeout, replacement, shutdown) kills the whole process group.
+//! Its output becomes log events of the run (stdout at info, stderr at warn). Nothing
+//! the program does can hurt vigil:
+//! - output is read as bytes in chunks, invalid UTF-8 replaced, each line cut at
+//!   `max_line_bytes` and the run's logged output at `max_log_bytes`; beyond that the
+//!   pipes are still drained (and the amount counted), so the program never blocks on
+//!   a full pipe and vigil's memory does not grow with what it prints;
+//! - when the program exits, whatever it left running in its process group (a
+//!   backgrounded child) is killed and reaped, so the run ends with it: no orphan, no
+//!   zombie, no pipe held open;
+//! - a cancelled run (timeout, replacement, shutdown) kills the whole process group.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
+use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
 use serde::Deserialize;
-use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::process::Command;
 use toml::Spanned;
 
@@ -30,17 +43,53 @@ pub struct CommandConfig {
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     pub workdir: Option<PathBuf>,
+    /// Longest output line logged; the rest of a longer line is cut (and counted).
+    #[serde(default = "default_max_line_bytes")]
+    pub max_line_bytes: Spanned<usize>,
+    /// Most output logged per run (stdout and stderr together); the rest is read and
+    /// counted, not logged.
+    #[serde(default = "default_max_log_bytes")]
+    pub max_log_bytes: Spanned<usize>,
+}
+
+/// 16 KiB: longer than any sensible log line, short enough to log as one event.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 16 << 10;
+/// 1 MiB a run: a chatty job's whole story, not a runaway's flood.
+pub const DEFAULT_MAX_LOG_BYTES: usize = 1 << 20;
+const MAX_LIMIT: usize = 1 << 30;
+
+fn default_max_line_bytes() -> Spanned<usize> {
+    Spanned::new(0..0, DEFAULT_MAX_LINE_BYTES)
+}
+fn default_max_log_bytes() -> Spanned<usize> {
+    Spanned::new(0..0, DEFAULT_MAX_LOG_BYTES)
 }
 
 impl Validate for CommandConfig {
     fn validate(&self) -> Vec<(Option<Range<usize>>, String)> {
+        let mut problems = Vec::new();
         match self.command.get_ref().first() {
-            Some(program) if !program.is_empty() => Vec::new(),
-            _ => vec![(
+            Some(program) if !program.is_empty() => {}
+            _ => problems.push((
                 Some(self.command.span()),
                 "`command` must name a program, e.g. [\"sh\", \"-c\", \"echo hi\"]".into(),
-            )],
+            )),
         }
+        for (name, value) in [
+            ("max_line_bytes", &self.max_line_bytes),
+            ("max_log_bytes", &self.max_log_bytes),
+        ] {
+            if !(1..=MAX_LIMIT).contains(value.get_ref()) {
+                problems.push((
+                    Some(value.span()),
+                    format!(
+                        "`{name}` must be between 1 and {MAX_LIMIT}, found {}",
+                        value.get_ref()
+                    ),
+                ));
+            }
+        }
+        problems
     }
 }
 
@@ -56,16 +105,137 @@ impl CommandJob {
 
 /// How much of stderr a failure message quotes.
 const STDERR_TAIL_LINES: usize = 20;
+/// And at most this many bytes of it.
+const STDERR_TAIL_BYTES: usize = 4096;
+/// Bytes read from a pipe at a time.
+const CHUNK: usize = 64 << 10;
+/// How long to keep reading after the program and its group are gone: a process
+/// outside the group (one that called `setsid`) may still hold the pipes.
+const OUTPUT_GRACE: Duration = Duration::from_secs(2);
+/// How long to wait for the killed stragglers to be reaped.
+const REAP_WAIT: Duration = Duration::from_secs(1);
 
-/// Kills the child's process group when the run is dropped before the child exits.
+/// Kills the child's process group when the run is dropped before it is over.
 struct GroupGuard {
-    pgid: Option<nix::unistd::Pid>,
+    pgid: Option<Pid>,
 }
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         if let Some(pgid) = self.pgid {
-            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// What reading one stream came to.
+#[derive(Debug, Default)]
+struct Pumped {
+    /// Bytes read from the pipe.
+    read: u64,
+    /// Bytes of lines not logged because the run's budget was spent.
+    unlogged: u64,
+    /// Lines cut at `max_line_bytes`.
+    cut_lines: u64,
+    /// The last lines (stderr), for the failure message.
+    tail: VecDeque<String>,
+}
+
+/// Reads `pipe` to its end, logging each line within the limits.
+async fn pump<R: AsyncRead + Unpin>(
+    mut pipe: R,
+    stream: Stream,
+    max_line: usize,
+    budget: &AtomicUsize,
+) -> Pumped {
+    let mut out = Pumped::default();
+    let mut buf = vec![0u8; CHUNK];
+    let mut line: Vec<u8> = Vec::new();
+    // Length of the current line, counting what was cut.
+    let mut line_len = 0usize;
+    loop {
+        let n = match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        out.read += n as u64;
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            let (piece, ended) = match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => (&rest[..i], true),
+                None => (rest, false),
+            };
+            let room = max_line.saturating_sub(line.len());
+            line.extend_from_slice(&piece[..piece.len().min(room)]);
+            line_len += piece.len();
+            rest = &rest[piece.len() + usize::from(ended)..];
+            if ended {
+                emit(&mut out, stream, &line, line_len, budget);
+                line.clear();
+                line_len = 0;
+            }
+        }
+    }
+    if line_len > 0 {
+        emit(&mut out, stream, &line, line_len, budget);
+    }
+    out
+}
+
+fn emit(out: &mut Pumped, stream: Stream, line: &[u8], full_len: usize, budget: &AtomicUsize) {
+    let mut text = String::from_utf8_lossy(line).into_owned();
+    if full_len > line.len() {
+        out.cut_lines += 1;
+        text.push_str(&format!(
+            " … [line cut at {} of {full_len} bytes]",
+            line.len()
+        ));
+    }
+    // What is logged is what counts against the budget.
+    let cost = text.len().max(1);
+    let logged = budget
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+            left.checked_sub(cost)
+        })
+        .is_ok();
+    if logged {
+        match stream {
+            Stream::Stdout => tracing::info!(stream = "stdout", "{text}"),
+            Stream::Stderr => tracing::warn!(stream = "stderr", "{text}"),
+        }
+    } else {
+        out.unlogged += full_len as u64;
+    }
+    if stream == Stream::Stderr {
+        if out.tail.len() == STDERR_TAIL_LINES {
+            out.tail.pop_front();
+        }
+        out.tail.push_back(text);
+    }
+}
+
+/// Kills what is left of process group `pgid` and reaps those of its members that
+/// became vigil's children (when vigil is PID 1 or a subreaper; otherwise init reaps
+/// them).
+async fn end_group(pgid: Pid) {
+    let _ = killpg(pgid, Signal::SIGKILL);
+    let deadline = tokio::time::Instant::now() + REAP_WAIT;
+    loop {
+        match waitpid(Pid::from_raw(-pgid.as_raw()), Some(WaitPidFlag::WNOHANG)) {
+            // Reaped one; look for more.
+            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => continue,
+            // Members of ours still dying.
+            Ok(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            // ECHILD: none of the group is our child any more.
+            _ => return,
         }
     }
 }
@@ -73,69 +243,142 @@ impl Drop for GroupGuard {
 #[async_trait::async_trait]
 impl Job for CommandJob {
     async fn run(&self, _ctx: RunContext) -> Result<RunOutcome, JobError> {
-        let argv = self.config.command.get_ref();
+        let c = &self.config;
+        let argv = c.command.get_ref();
         let (program, args) = argv
             .split_first()
             .ok_or_else(|| JobError::Failed("empty command".into()))?;
         let mut cmd = Command::new(program);
         cmd.args(args)
-            .envs(&self.config.env)
+            .envs(&c.env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        if let Some(dir) = &self.config.workdir {
+        if let Some(dir) = &c.workdir {
             cmd.current_dir(dir);
         }
         let mut child = cmd
             .spawn()
             .map_err(|e| JobError::Failed(format!("cannot start {program:?}: {e}")))?;
-        let mut guard = GroupGuard {
-            pgid: child
-                .id()
-                .and_then(|id| i32::try_from(id).ok())
-                .map(nix::unistd::Pid::from_raw),
-        };
+        let pgid = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(Pid::from_raw);
+        let mut guard = GroupGuard { pgid };
 
+        let budget = AtomicUsize::new(*c.max_log_bytes.get_ref());
+        let max_line = *c.max_line_bytes.get_ref();
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
-        let out_task = async {
-            if let Some(out) = stdout {
-                let mut lines = BufReader::new(out).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    tracing::info!(stream = "stdout", "{line}");
+        let pumps = async {
+            let out = async {
+                match stdout {
+                    Some(p) => pump(p, Stream::Stdout, max_line, &budget).await,
+                    None => Pumped::default(),
                 }
-            }
-        };
-        let err_task = async {
-            let mut tail = std::collections::VecDeque::new();
-            if let Some(err) = stderr {
-                let mut lines = BufReader::new(err).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    tracing::warn!(stream = "stderr", "{line}");
-                    if tail.len() == STDERR_TAIL_LINES {
-                        tail.pop_front();
-                    }
-                    tail.push_back(line);
+            };
+            let err = async {
+                match stderr {
+                    Some(p) => pump(p, Stream::Stderr, max_line, &budget).await,
+                    None => Pumped::default(),
                 }
-            }
-            tail
+            };
+            tokio::join!(out, err)
         };
-        let ((), tail, status) = tokio::join!(out_task, err_task, child.wait());
+        tokio::pin!(pumps);
+        // Drain the pipes while waiting for the program, so it never blocks on them.
+        let (status, pumped) = tokio::select! {
+            status = child.wait() => (status, None),
+            pumped = &mut pumps => (child.wait().await, Some(pumped)),
+        };
         let status =
             status.map_err(|e| JobError::Failed(format!("waiting for {program:?}: {e}")))?;
-        // The leader exited; stragglers in its group are no longer ours to kill.
-        guard.pgid = None;
+        // The program is gone: so is anything it left behind in its group.
+        if let Some(pgid) = guard.pgid.take() {
+            end_group(pgid).await;
+        }
+        let (out, err) = match pumped {
+            Some(p) => p,
+            None => match tokio::time::timeout(OUTPUT_GRACE, &mut pumps).await {
+                Ok(p) => p,
+                Err(_) => {
+                    tracing::warn!(
+                        "a process outside the job's process group still holds its output; stopped reading it"
+                    );
+                    (Pumped::default(), Pumped::default())
+                }
+            },
+        };
+        let unlogged = out.unlogged + err.unlogged;
+        if unlogged > 0 || out.cut_lines + err.cut_lines > 0 {
+            tracing::warn!(
+                read_bytes = out.read + err.read,
+                unlogged_bytes = unlogged,
+                cut_lines = out.cut_lines + err.cut_lines,
+                max_log_bytes = *c.max_log_bytes.get_ref(),
+                max_line_bytes = max_line,
+                "output beyond the job's limits was read but not logged"
+            );
+        }
         if status.success() {
             return Ok(RunOutcome::Completed { items: None });
         }
-        let tail: Vec<String> = tail.into_iter().collect();
         let mut message = format!("{program:?} {status}");
+        let mut tail: Vec<&str> = Vec::new();
+        let mut bytes = 0;
+        for line in err.tail.iter().rev() {
+            bytes += line.len() + 1;
+            if bytes > STDERR_TAIL_BYTES {
+                break;
+            }
+            tail.push(line);
+        }
+        tail.reverse();
         if !tail.is_empty() {
             message.push_str(": ");
             message.push_str(&tail.join("\n"));
         }
         Err(JobError::Failed(message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pumped(input: &[u8], max_line: usize, budget: usize) -> Pumped {
+        let budget = AtomicUsize::new(budget);
+        pump(input, Stream::Stderr, max_line, &budget).await
+    }
+
+    #[tokio::test]
+    async fn lines_are_cut_at_the_limit_and_bad_utf8_replaced_never_a_reason_to_stop() {
+        let mut input = b"first\n".to_vec();
+        input.extend_from_slice(&[b'x'; 100]);
+        input.extend_from_slice(b"\n\xff\xfe ok\nlast without newline");
+        let p = pumped(&input, 10, 1 << 20).await;
+        assert_eq!(p.read, input.len() as u64);
+        assert_eq!(p.cut_lines, 2);
+        let tail: Vec<&str> = p.tail.iter().map(String::as_str).collect();
+        assert_eq!(
+            tail,
+            [
+                "first",
+                "xxxxxxxxxx … [line cut at 10 of 100 bytes]",
+                "\u{FFFD}\u{FFFD} ok",
+                "last witho … [line cut at 10 of 20 bytes]",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn past_the_budget_lines_are_counted_not_logged_and_reading_goes_on() {
+        let input = "0123456789\n".repeat(1000);
+        let p = pumped(input.as_bytes(), 1024, 100).await;
+        assert_eq!(p.read, 11_000, "read to the end");
+        // Ten lines of ten bytes fit the budget; the other 990 are counted.
+        assert_eq!(p.unlogged, 9_900);
     }
 }
