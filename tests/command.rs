@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::{Running, TestDb, vigil, write};
-use nix::sys::signal::Signal;
 use serde_json::Value;
 
 fn free_port() -> u16 {
