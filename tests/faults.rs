@@ -278,3 +278,107 @@ async fn cluster_locks_reuse_connections_of_their_own_pool() {
     assert_eq!(sessions, 1);
     scheduler.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn samples_and_ledger_rows_queued_at_shutdown_survive_a_restart() {
+    use common::{Running, vigil, write};
+    use nix::sys::signal::Signal;
+    let mut pg = OwnPostgres::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "jobs.toml",
+        "[[jobs]]\nname = \"host-metrics\"\nkind = \"system_metrics\"\nevery = \"1s\"\n\
+         [jobs.settings]\ncollect = [\"cpu\", \"memory\"]\n",
+    );
+    let url = pg.url();
+    let data = dir.path().join("data");
+    let data_text = data.display().to_string();
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("PORT", "0"),
+        ("VIGIL_HOST", "spooler"),
+        ("VIGIL_DATA_DIR", data_text.as_str()),
+        ("VIGIL_DB_ACQUIRE_TIMEOUT", "1s"),
+        ("VIGIL_WATCH_CONFIG", "false"),
+    ];
+    let start = || {
+        Running(
+            vigil(dir.path(), &["run"], &env)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut first = start();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    pg.down().await;
+    let down_at = Utc::now();
+    // 30 samples (and their runs' rows) queue up with nowhere to go.
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    first.signal(Signal::SIGTERM);
+    let status = first
+        .wait_exit(Duration::from_secs(40))
+        .expect("vigil exits");
+    assert!(status.success(), "{status:?}");
+    let stopped_at = Utc::now();
+    assert!(
+        std::fs::read_dir(data.join("spool")).unwrap().count() >= 2,
+        "samples and ledger rows spooled"
+    );
+
+    pg.up().await;
+    let second = start();
+    let store = Store::connect(&pg.target(), 2, Duration::from_secs(10))
+        .await
+        .unwrap();
+    // The spooled samples are written first, then sampling goes on.
+    let outage: Vec<DateTime<Utc>> = common::eventually(
+        Duration::from_secs(30),
+        "the spooled samples",
+        || {
+            let store = store.clone();
+            async move {
+                let ts: Vec<DateTime<Utc>> = sqlx::query_scalar(
+                    "SELECT ts FROM system_metrics WHERE host = 'spooler' AND ts > $1 AND ts < $2 ORDER BY ts",
+                )
+                .bind(down_at)
+                .bind(stopped_at)
+                .fetch_all(store.pool())
+                .await
+                .ok()?;
+                (ts.len() >= 30).then_some(ts)
+            }
+        },
+    )
+    .await;
+    // Once each, every second of the outage.
+    let seconds: Vec<i64> = outage.iter().map(|t| t.timestamp()).collect();
+    let mut distinct = seconds.clone();
+    distinct.dedup();
+    assert_eq!(seconds, distinct, "no sample twice");
+    assert_eq!(
+        seconds,
+        (seconds[0]..=*seconds.last().unwrap()).collect::<Vec<_>>(),
+        "no second missing"
+    );
+    // The runs of the outage reached the ledger too, once each.
+    let runs: Vec<(DateTime<Utc>, i64)> = sqlx::query_as(
+        "SELECT scheduled_at, count(*) FROM job_runs WHERE job = 'host-metrics' \
+         AND scheduled_at > $1 AND scheduled_at < $2 GROUP BY 1 ORDER BY 1",
+    )
+    .bind(down_at)
+    .bind(stopped_at)
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert!(
+        runs.len() >= 30,
+        "{} runs of the outage in the ledger",
+        runs.len()
+    );
+    assert!(runs.iter().all(|(_, n)| *n == 1), "{runs:?}");
+    drop(second);
+    store.close().await;
+}

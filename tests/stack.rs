@@ -156,6 +156,7 @@ command = ["true"]
         host: "stack".into(),
         metrics: Default::default(),
         mongo_uri: None,
+        spool: None,
     };
     let kinds: std::collections::BTreeSet<String> =
         specs.iter().map(|s| s.kind.to_string()).collect();

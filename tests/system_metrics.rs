@@ -54,6 +54,7 @@ async fn a_sample_read_back_from_postgres_is_sane() {
             host: "runner".into(),
             metrics: Default::default(),
             mongo_uri: None,
+            spool: None,
         },
     )
     .unwrap();
@@ -255,6 +256,7 @@ async fn samples_taken_while_postgres_is_down_are_written_in_order_when_it_retur
             host: "outage".into(),
             metrics: Default::default(),
             mongo_uri: None,
+            spool: None,
         },
     )
     .unwrap();
@@ -390,5 +392,72 @@ async fn a_sample_still_in_progress_makes_the_next_firing_skip_not_wait() {
     assert_eq!(
         job.run(ctx()).await.unwrap(),
         vigil::jobs::RunOutcome::Completed { items: Some(1) }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_buffer_spills_to_disk_instead_of_dropping_and_disk_is_written_first() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    // First PostgreSQL is nowhere: every write fails.
+    let nowhere = Store::from_pool(
+        sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(Duration::from_millis(200))
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .unwrap(),
+    );
+    let spec = spec("1s", "collect = [\"uptime\"]\nbuffer = 10");
+    let place = vigil::jobs::SpoolPlace {
+        dir: dir.path().to_path_buf(),
+        max_bytes: 1 << 20,
+    };
+    let build = |store: Store| {
+        let job = vigil::jobs::system_metrics::SystemMetrics::new(
+            "host",
+            &match &spec.settings {
+                vigil::jobs::KindConfig::SystemMetrics(c) => c.clone(),
+                _ => unreachable!(),
+            },
+            store,
+            "h",
+            None,
+            &Default::default(),
+        )
+        .unwrap();
+        job.queue().set_spool(place.open("samples-h").unwrap());
+        job
+    };
+    let job = build(nowhere);
+    for _ in 0..25 {
+        job.run(ctx()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(job.queue().len() <= 10, "memory stays within the buffer");
+    assert_eq!(
+        job.queue().dropped(),
+        0,
+        "nothing dropped: the rest is on disk"
+    );
+    assert!(job.queue().spooled_bytes() > 0);
+    job.shutdown().await;
+    drop(job);
+
+    // Then it is back: the next start writes the spooled samples, and newer ones after.
+    let job = build(db.store.clone());
+    job.run(ctx()).await.unwrap();
+    let rows = eventually(Duration::from_secs(10), "26 samples", || async {
+        let rows = samples(&db.store).await;
+        (rows.len() == 26).then_some(rows)
+    })
+    .await;
+    let times: Vec<DateTime<Utc>> = rows.iter().map(|r| r.0).collect();
+    let mut sorted = times.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(times, sorted, "each once, in order");
+    assert_eq!(
+        job.queue().spooled_bytes(),
+        0,
+        "the spool is empty once written"
     );
 }

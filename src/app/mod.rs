@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Diagnostics, Settings};
 use crate::gateway::{self, Gateway};
-use crate::jobs::Deps;
+use crate::jobs::{Deps, SpoolPlace};
 use crate::scheduler::{Ledger, RunResult, Scheduler, SchedulerError, TriggerError, ledger};
 use crate::store::embedded::{self, EmbeddedError, EmbeddedPostgres};
 use crate::store::{PoolOptions, Store, StoreError, Target};
@@ -109,7 +109,16 @@ pub async fn scheduler(
     store: &Store,
     metrics: &Metrics,
 ) -> Result<(Scheduler, Arc<Reloader>), AppError> {
-    let ledger = Ledger::start(store.clone(), ledger::DEFAULT_CAPACITY, metrics.clone());
+    let spool = SpoolPlace {
+        dir: config.settings.data_dir.join("spool"),
+        max_bytes: config.settings.spool_max_bytes,
+    };
+    let ledger = Ledger::start_with(
+        store.clone(),
+        ledger::DEFAULT_CAPACITY,
+        metrics.clone(),
+        spool.open(&format!("ledger-{}", config.settings.host)),
+    );
     let scheduler =
         Scheduler::with_metrics(ledger, config.settings.host.clone(), metrics.clone()).await?;
     let deps = Deps {
@@ -117,6 +126,7 @@ pub async fn scheduler(
         host: config.settings.host.clone(),
         metrics: metrics.clone(),
         mongo_uri: config.settings.mongo_uri.clone(),
+        spool: Some(spool),
     };
     let reloader = Arc::new(Reloader::new(config, scheduler.clone(), deps));
     reloader
@@ -239,8 +249,12 @@ pub async fn trigger(config: &Config, job: &str, force: bool) -> Result<RunResul
         let (scheduler, _) = scheduler(config, &db.store, &Metrics::new()).await?;
         let mut handle = scheduler.trigger(job, force)?;
         let result = handle.finished().await;
-        if let Err(e) = scheduler.ledger().flush(Duration::from_secs(30)).await {
-            tracing::error!(error = %e, "the run's ledger rows were not all written");
+        match scheduler.ledger().close(Duration::from_secs(30)).await {
+            Ok(true) => {}
+            Ok(false) => tracing::error!(
+                "PostgreSQL did not take the run's ledger rows; they are spooled for the next start"
+            ),
+            Err(e) => tracing::error!(error = %e, "the run's ledger rows were not all written"),
         }
         Ok::<_, AppError>(result)
     }

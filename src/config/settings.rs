@@ -201,6 +201,8 @@ pub struct Settings {
     pub db_keepalive: Option<Duration>,
     /// Size of the pool that holds `cluster` jobs' advisory locks.
     pub db_lock_connections: u32,
+    /// Most bytes each spool (under `<data_dir>/spool`) keeps on disk.
+    pub spool_max_bytes: u64,
     pub pg_bin_dir: Option<PathBuf>,
     /// With a token, every request that starts work needs `Authorization: Bearer <token>`.
     pub api_token: Option<Secret>,
@@ -325,6 +327,11 @@ const KEYS: &[Key] = &[
         var: "VIGIL_DB_LOCK_CONNECTIONS",
     },
     Key {
+        name: "spool_max_bytes",
+        in_runner: true,
+        var: "VIGIL_SPOOL_MAX_BYTES",
+    },
+    Key {
         name: "pg_bin_dir",
         in_runner: true,
         var: "VIGIL_PG_BIN_DIR",
@@ -395,6 +402,9 @@ mod defaults {
     /// Connections that hold `cluster` jobs' advisory locks for the length of a run:
     /// the number of such runs that can go on at once on this replica.
     pub const DB_LOCK_CONNECTIONS: i64 = 8;
+    /// Per spool (one per host-metrics job, one for the ledger): a day of 10 s samples
+    /// is about 13 MiB, so this keeps well over a week of an outage.
+    pub const SPOOL_MAX_BYTES: &str = "256MiB";
     pub const DB_HOST: &str = "localhost";
     pub const DB_PORT: i64 = 5432;
     pub const DB_USER: &str = "vigil";
@@ -527,6 +537,7 @@ impl Settings {
             .and_then(|b| b.set_default("db_statement_timeout", defaults::DB_STATEMENT_TIMEOUT))
             .and_then(|b| b.set_default("db_keepalive", defaults::DB_KEEPALIVE))
             .and_then(|b| b.set_default("db_lock_connections", defaults::DB_LOCK_CONNECTIONS))
+            .and_then(|b| b.set_default("spool_max_bytes", defaults::SPOOL_MAX_BYTES))
             .and_then(|b| b.set_default("api_reads_open", defaults::API_READS_OPEN))
             .and_then(|b| b.set_default("reading_sync_job", defaults::READING_SYNC_JOB))
             .and_then(|b| b.set_default("loki_max_buffer", defaults::LOKI_MAX_BUFFER))
@@ -573,6 +584,11 @@ impl Settings {
         let db_acquire_timeout = r.duration("db_acquire_timeout");
         let db_statement_timeout = r.duration_or_off("db_statement_timeout");
         let db_keepalive = r.duration_or_off("db_keepalive");
+        let spool_max_bytes = r.parsed(
+            "spool_max_bytes",
+            "a size such as 256MiB or 1GiB, at least 1MiB",
+            |s| parse_bytes(s).filter(|b| *b >= 1 << 20).map(|b| b as u64),
+        );
         let db_lock_connections = r.parsed(
             "db_lock_connections",
             "a whole number from 1 to 1000",
@@ -620,6 +636,7 @@ impl Settings {
                 db_statement_timeout,
                 db_keepalive,
                 db_lock_connections,
+                spool_max_bytes,
             ),
         ) {
             (
@@ -637,6 +654,7 @@ impl Settings {
                     Some(db_statement_timeout),
                     Some(db_keepalive),
                     Some(db_lock_connections),
+                    Some(spool_max_bytes),
                 ),
             ) => Ok(Settings {
                 database,
@@ -653,6 +671,7 @@ impl Settings {
                 db_statement_timeout,
                 db_keepalive,
                 db_lock_connections,
+                spool_max_bytes,
                 pg_bin_dir,
                 api_token,
                 api_reads_open,

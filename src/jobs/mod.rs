@@ -122,19 +122,55 @@ pub struct Deps {
     pub metrics: Metrics,
     /// `MONGO_URI`, for sync jobs that do not name their own.
     pub mongo_uri: Option<crate::config::Secret>,
+    /// Where jobs that buffer rows for PostgreSQL spill them to disk (and how much
+    /// each may keep there); `None`: in memory only.
+    pub spool: Option<SpoolPlace>,
+}
+
+/// A directory for spools and the bound on each.
+#[derive(Clone, Debug)]
+pub struct SpoolPlace {
+    pub dir: std::path::PathBuf,
+    pub max_bytes: u64,
+}
+
+impl SpoolPlace {
+    /// Opens the spool named `name` here; a directory that cannot be made is logged,
+    /// and the caller goes on without one.
+    pub fn open(&self, name: &str) -> Option<crate::store::spool::Spool> {
+        let dir = self.dir.join(crate::store::spool::dir_name(name));
+        match crate::store::spool::Spool::open(&dir, self.max_bytes) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "no spool: rows buffered while PostgreSQL is away stay in memory only");
+                None
+            }
+        }
+    }
 }
 
 /// Builds the job a validated spec describes.
 pub fn build(spec: &JobSpec, deps: &Deps) -> Result<Arc<dyn Job>, JobError> {
     Ok(match &spec.settings {
-        KindConfig::SystemMetrics(c) => Arc::new(system_metrics::SystemMetrics::new(
-            &spec.name,
-            c,
-            deps.store.clone(),
-            &deps.host,
-            spec.schedule.typical_interval(),
-            &deps.metrics,
-        )?),
+        KindConfig::SystemMetrics(c) => {
+            let job = system_metrics::SystemMetrics::new(
+                &spec.name,
+                c,
+                deps.store.clone(),
+                &deps.host,
+                spec.schedule.typical_interval(),
+                &deps.metrics,
+            )?;
+            let host = c.host.as_deref().unwrap_or(&deps.host);
+            if let Some(spool) = deps
+                .spool
+                .as_ref()
+                .and_then(|p| p.open(&format!("samples-{host}")))
+            {
+                job.queue().set_spool(spool);
+            }
+            Arc::new(job)
+        }
         KindConfig::MongoSync(c) => Arc::new(mongo_sync::MongoSync::new(
             &spec.name,
             (**c).clone(),

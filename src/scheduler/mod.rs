@@ -110,10 +110,15 @@ pub struct JobStatus {
     pub applied_at: DateTime<Utc>,
 }
 
+/// How long shutdown tries to write the last ledger rows before spooling them.
+const LEDGER_CLOSE: Duration = Duration::from_secs(10);
+
 /// What shutdown did.
 #[derive(Debug, Clone, Default)]
 pub struct ShutdownReport {
     pub abandoned: usize,
+    /// Every ledger row reached PostgreSQL (else the rest is spooled, or lost without
+    /// a spool; both logged).
     pub ledger_flushed: bool,
 }
 
@@ -439,8 +444,8 @@ impl Scheduler {
         for slot in inner.slot_list() {
             slot.job.shutdown().await;
         }
-        match inner.ledger.flush(Duration::from_secs(10)).await {
-            Ok(()) => report.ledger_flushed = true,
+        match inner.ledger.close(LEDGER_CLOSE).await {
+            Ok(all) => report.ledger_flushed = all,
             Err(e) => tracing::error!(error = %e, "run ledger not fully written at shutdown"),
         }
         report

@@ -5,6 +5,7 @@ mod metrics;
 pub mod readings;
 mod retention;
 pub mod runs;
+pub mod spool;
 pub mod sync;
 
 use std::str::FromStr;

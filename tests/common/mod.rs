@@ -91,6 +91,7 @@ impl TestDb {
             host: "h".into(),
             metrics: Default::default(),
             mongo_uri: None,
+            spool: None,
         }
     }
 }
@@ -351,7 +352,7 @@ impl OwnPostgres {
     /// A URL for the real binary (the password is in the data directory).
     pub fn url(&self) -> String {
         let pg = self.pg.as_ref().expect("running");
-        let password = std::fs::read_to_string(self.dir.path().join("postgres.password"))
+        let password = std::fs::read_to_string(self.data().join("postgres.password"))
             .unwrap()
             .trim()
             .to_owned();

@@ -13,8 +13,8 @@ mod sampler;
 
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -25,11 +25,13 @@ use toml::Spanned;
 use super::{Job, JobError, RunContext, RunOutcome};
 use crate::config::Validate;
 use crate::store::Store;
+use crate::store::spool::Spool;
 use crate::telemetry::metrics::{JobLabels, Metrics};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 pub use sample::{SHAPE_VERSION, Sample};
 pub use sampler::{Sampler, counter_delta};
+use tokio_util::sync::CancellationToken;
 
 /// What a sample includes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
@@ -192,13 +194,24 @@ struct Pending {
     metrics: String,
 }
 
-/// Samples waiting for PostgreSQL, oldest first.
+/// A sample as it is spooled to disk.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Spooled {
+    ts: DateTime<Utc>,
+    metrics: Box<serde_json::value::RawValue>,
+}
+
+/// Samples waiting for PostgreSQL, oldest first: in memory up to `capacity`, then (with
+/// a spool) on disk, oldest first.
 pub struct SampleQueue {
     queue: Mutex<VecDeque<Pending>>,
     next_seq: AtomicU64,
     capacity: usize,
     notify: Notify,
-    closed: AtomicBool,
+    /// Shutdown: the writer makes its last attempts, then spools what is left.
+    closing: CancellationToken,
+    /// Where samples go when memory is full and at shutdown.
+    spool: OnceLock<Spool>,
     dropped: AtomicU64,
     written: AtomicU64,
     last_drop_log: Mutex<Option<std::time::Instant>>,
@@ -215,7 +228,8 @@ impl SampleQueue {
             next_seq: AtomicU64::new(0),
             capacity,
             notify: Notify::new(),
-            closed: AtomicBool::new(false),
+            closing: CancellationToken::new(),
+            spool: OnceLock::new(),
             dropped: AtomicU64::new(0),
             written: AtomicU64::new(0),
             last_drop_log: Mutex::new(None),
@@ -226,33 +240,84 @@ impl SampleQueue {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Keeps samples that do not fit in memory (and those left at shutdown) in
+    /// `spool`, and writes what it holds first.
+    pub fn set_spool(&self, spool: Spool) {
+        if !spool.is_empty() {
+            tracing::info!(spool = %spool.dir().display(), bytes = spool.bytes(), "samples spooled by an earlier run will be written first");
+        }
+        let _ = self.spool.set(spool);
+        self.notify.notify_one();
+    }
+
     fn push(&self, ts: DateTime<Utc>, metrics: String) {
-        let dropped = {
+        let (overflow, dropped) = {
             let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
             let mut q = self.lock();
             q.push_back(Pending { seq, ts, metrics });
+            let mut overflow = Vec::new();
             let mut dropped = 0;
-            while q.len() > self.capacity {
-                q.pop_front();
-                dropped += 1;
+            if q.len() > self.capacity {
+                if self.spool.get().is_some() {
+                    // To disk, the older half at once: few, large segments.
+                    let n = (self.capacity / 2).max(1).min(q.len());
+                    overflow.extend(q.drain(..n));
+                } else {
+                    while q.len() > self.capacity {
+                        q.pop_front();
+                        dropped += 1;
+                    }
+                }
             }
             self.buffered_gauge.set(q.len() as i64);
-            dropped
+            (overflow, dropped)
         };
-        if dropped > 0 {
-            self.dropped_counter.inc_by(dropped);
-            let total = self.dropped.fetch_add(dropped, Ordering::Relaxed) + dropped;
-            let mut last = self.last_drop_log.lock().unwrap_or_else(|p| p.into_inner());
-            if last.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
-                tracing::warn!(
-                    dropped_total = total,
-                    capacity = self.capacity,
-                    "sample buffer full while PostgreSQL is unreachable; dropping the oldest samples"
-                );
-                *last = Some(std::time::Instant::now());
+        let dropped = dropped + self.spill(&overflow);
+        self.count_dropped(dropped);
+        self.notify.notify_one();
+    }
+
+    /// Appends `samples` to the spool; returns how many samples were lost doing so
+    /// (the spool's bound, or a disk that refuses).
+    fn spill(&self, samples: &[Pending]) -> u64 {
+        let Some(spool) = self.spool.get() else {
+            return samples.len() as u64;
+        };
+        if samples.is_empty() {
+            return 0;
+        }
+        let items: Vec<Spooled> = samples
+            .iter()
+            .filter_map(|p| {
+                serde_json::value::RawValue::from_string(p.metrics.clone())
+                    .ok()
+                    .map(|metrics| Spooled { ts: p.ts, metrics })
+            })
+            .collect();
+        match spool.append(&items) {
+            Ok(dropped) => dropped,
+            Err(e) => {
+                tracing::error!(error = %e, samples = samples.len(), "cannot spool samples; they are lost");
+                samples.len() as u64
             }
         }
-        self.notify.notify_one();
+    }
+
+    fn count_dropped(&self, dropped: u64) {
+        if dropped == 0 {
+            return;
+        }
+        self.dropped_counter.inc_by(dropped);
+        let total = self.dropped.fetch_add(dropped, Ordering::Relaxed) + dropped;
+        let mut last = self.last_drop_log.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+            tracing::warn!(
+                dropped_total = total,
+                capacity = self.capacity,
+                "sample buffer full while PostgreSQL is unreachable; dropping the oldest samples"
+            );
+            *last = Some(std::time::Instant::now());
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -269,6 +334,11 @@ impl SampleQueue {
 
     pub fn written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
+    }
+
+    /// Samples waiting on disk.
+    pub fn spooled_bytes(&self) -> u64 {
+        self.spool.get().map_or(0, Spool::bytes)
     }
 }
 
@@ -379,18 +449,21 @@ impl Job for SystemMetrics {
         Ok(RunOutcome::Completed { items: Some(1) })
     }
 
-    /// Writes what is queued, waiting at most [`SHUTDOWN_FLUSH`].
+    /// Writes what is queued, trying for at most [`SHUTDOWN_FLUSH`]; spools the rest.
     async fn shutdown(&self) {
-        self.queue.closed.store(true, Ordering::Release);
+        self.queue.closing.cancel();
         self.queue.notify.notify_one();
         let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(writer) = writer {
             let abort = writer.abort_handle();
-            if tokio::time::timeout(SHUTDOWN_FLUSH, writer).await.is_err() {
+            if tokio::time::timeout(SHUTDOWN_FLUSH + Duration::from_secs(5), writer)
+                .await
+                .is_err()
+            {
                 abort.abort();
                 tracing::error!(
                     lost = self.queue.len(),
-                    "samples not written before shutdown"
+                    "samples neither written nor spooled before shutdown"
                 );
             }
         }
@@ -414,44 +487,133 @@ impl Drop for SystemMetrics {
     }
 }
 
+/// Writes spooled samples (oldest), then queued ones, in batches, retrying while
+/// PostgreSQL is away; at shutdown, tries for [`SHUTDOWN_FLUSH`] and spools the rest.
 async fn write_loop(store: Store, host: String, queue: Arc<SampleQueue>) {
     let mut delay = Duration::from_millis(100);
     loop {
+        if queue.closing.is_cancelled() {
+            return finish(&store, &host, &queue).await;
+        }
+        // What an earlier run or a full buffer left on disk is older: it goes first.
+        if let Some(spool) = queue.spool.get() {
+            match spool.oldest::<Spooled>() {
+                Ok(Some((segment, items, bad))) => {
+                    if bad > 0 {
+                        tracing::warn!(bad, spool = %spool.dir().display(), "unreadable spooled samples skipped");
+                    }
+                    let mut written = true;
+                    for chunk in items.chunks(WRITE_BATCH) {
+                        let rows: Vec<(DateTime<Utc>, &str)> =
+                            chunk.iter().map(|s| (s.ts, s.metrics.get())).collect();
+                        if let Err(e) = write(&store, &host, &rows, &queue.closing).await {
+                            tracing::warn!(error = %e, retry_in = ?delay, "cannot write spooled samples; they stay on disk");
+                            written = false;
+                            break;
+                        }
+                        queue
+                            .written
+                            .fetch_add(rows.len() as u64, Ordering::Relaxed);
+                    }
+                    if written {
+                        if let Err(e) = spool.remove(segment) {
+                            tracing::error!(error = %e, "cannot remove a written spool segment");
+                        }
+                        delay = Duration::from_millis(100);
+                    } else {
+                        pause(&queue, &mut delay).await;
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "cannot read the sample spool"),
+            }
+        }
         let batch: Vec<Pending> = queue.lock().iter().take(WRITE_BATCH).cloned().collect();
         if batch.is_empty() {
-            if queue.closed.load(Ordering::Acquire) {
-                return;
+            tokio::select! {
+                () = queue.notify.notified() => {}
+                () = queue.closing.cancelled() => {}
             }
-            queue.notify.notified().await;
             continue;
         }
         let rows: Vec<(DateTime<Utc>, &str)> =
             batch.iter().map(|p| (p.ts, p.metrics.as_str())).collect();
-        match store.insert_samples(&host, &rows).await {
+        match write(&store, &host, &rows, &queue.closing).await {
             Ok(()) => {
-                let last = batch.last().map_or(0, |p| p.seq);
-                let mut q = queue.lock();
-                // Entries dropped for room while the write was in flight are gone
-                // already; remove exactly what was written.
-                while q.front().is_some_and(|p| p.seq <= last) {
-                    q.pop_front();
-                }
-                queue.buffered_gauge.set(q.len() as i64);
-                drop(q);
-                queue
-                    .written
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                remove_written(&queue, &batch);
                 delay = Duration::from_millis(100);
             }
             Err(e) => {
                 tracing::warn!(error = %e, queued = queue.len(), retry_in = ?delay, "cannot write samples; they stay queued");
-                if queue.closed.load(Ordering::Acquire) {
-                    tracing::error!(lost = queue.len(), "shutting down with samples not written");
-                    return;
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(MAX_RETRY_DELAY);
+                pause(&queue, &mut delay).await;
             }
         }
+    }
+}
+
+/// One write, given up when shutdown begins.
+async fn write(
+    store: &Store,
+    host: &str,
+    rows: &[(DateTime<Utc>, &str)],
+    closing: &CancellationToken,
+) -> Result<(), String> {
+    tokio::select! {
+        r = store.insert_samples(host, rows) => r.map_err(|e| e.to_string()),
+        () = closing.cancelled() => Err("shutting down".into()),
+    }
+}
+
+/// Removes exactly the written entries: ones dropped or spooled for room while the
+/// write was in flight are gone already.
+fn remove_written(queue: &SampleQueue, batch: &[Pending]) {
+    let last = batch.last().map_or(0, |p| p.seq);
+    let mut q = queue.lock();
+    while q.front().is_some_and(|p| p.seq <= last) {
+        q.pop_front();
+    }
+    queue.buffered_gauge.set(q.len() as i64);
+    drop(q);
+    queue
+        .written
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+}
+
+async fn pause(queue: &SampleQueue, delay: &mut Duration) {
+    tokio::select! {
+        () = tokio::time::sleep(*delay) => {}
+        () = queue.closing.cancelled() => {}
+    }
+    *delay = (*delay * 2).min(MAX_RETRY_DELAY);
+}
+
+/// At shutdown: write what is in memory for at most [`SHUTDOWN_FLUSH`], spool the rest.
+async fn finish(store: &Store, host: &str, queue: &SampleQueue) {
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_FLUSH;
+    loop {
+        let batch: Vec<Pending> = queue.lock().iter().take(WRITE_BATCH).cloned().collect();
+        if batch.is_empty() {
+            return;
+        }
+        let rows: Vec<(DateTime<Utc>, &str)> =
+            batch.iter().map(|p| (p.ts, p.metrics.as_str())).collect();
+        match tokio::time::timeout_at(deadline, store.insert_samples(host, &rows)).await {
+            Ok(Ok(())) => remove_written(queue, &batch),
+            _ => break,
+        }
+    }
+    let left: Vec<Pending> = queue.lock().drain(..).collect();
+    queue.buffered_gauge.set(0);
+    if queue.spool.get().is_some() {
+        let lost = queue.spill(&left);
+        queue.count_dropped(lost);
+        tracing::info!(
+            samples = left.len() as u64 - lost,
+            "PostgreSQL unreachable at shutdown: samples spooled to disk for the next start"
+        );
+    } else if !left.is_empty() {
+        queue.count_dropped(left.len() as u64);
+        tracing::error!(lost = left.len(), "shutting down with samples not written");
     }
 }
