@@ -428,4 +428,33 @@ mod tests {
         assert!(!f.keeps_disk("/var/lib/docker/overlay2/x/merged", "overlay"));
         assert!(f.keeps_disk("/", "ext4"));
     }
+
+    #[test]
+    fn network_and_fuse_file_systems_and_container_dirs_are_left_out_by_default() {
+        let f = Filters::new(&SystemMetricsConfig::default());
+        for fs in [
+            "nfs",
+            "nfs4",
+            "cifs",
+            "smb3",
+            "ceph",
+            "9p",
+            "fuse",
+            "fuse.sshfs",
+            "fuse.lxcfs",
+            "fuseblk",
+        ] {
+            assert!(!f.keeps_disk("/mnt/x", fs), "{fs}");
+        }
+        for mount in [
+            "/var/lib/docker",
+            "/var/lib/docker/volumes",
+            "/var/lib/containers",
+        ] {
+            assert!(!f.keeps_disk(mount, "ext4"), "{mount}");
+        }
+        for fs in ["ext4", "xfs", "btrfs", "zfs", "vfat"] {
+            assert!(f.keeps_disk("/data", fs), "{fs}");
+        }
+    }
 }
