@@ -15,7 +15,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions as _, Connection as _, Executor as _};
 use vigil::config::{self, Ident};
 use vigil::jobs::mongo_sync::MongoSync;
-use vigil::jobs::{Job, KindConfig, RunContext};
+use vigil::jobs::mongo_sync::MongoSyncConfig;
+use vigil::jobs::{Job, RunContext};
 use vigil::store::Store;
 use vigil::store::sync::LoadRow;
 
@@ -129,14 +130,16 @@ async fn main() {
          [jobs.settings]\nuri = \"{uri}\"\ndatabase = \"obs\"\ncollection = \"readings\"\n\
          source_id_field = \"reading_id\"\noccurred_at_field = \"timestamp\"\nbatch_size = {BATCH}\n"
     );
-    let spec = config::parse_jobs(std::path::Path::new("bench.toml"), &text)
-        .unwrap()
-        .jobs
-        .remove(0);
-    let KindConfig::MongoSync(c) = spec.settings else {
-        unreachable!()
-    };
-    let job = MongoSync::new("reading-sync", *c, None, store.clone());
+    let spec = config::parse_jobs(
+        std::path::Path::new("bench.toml"),
+        &text,
+        &vigil::jobs::Registry::builtin(),
+    )
+    .unwrap()
+    .jobs
+    .remove(0);
+    let c: &MongoSyncConfig = spec.settings.get().expect("mongo_sync settings");
+    let job = MongoSync::new("reading-sync", c.clone(), None, store.clone());
     let t = Instant::now();
     let outcome = job
         .run(RunContext {

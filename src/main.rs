@@ -9,7 +9,7 @@ use vigil::config::{self, Environment};
 use vigil::store::RunStatus;
 use vigil::telemetry::loki::LokiOptions;
 use vigil::telemetry::metrics::Metrics;
-use vigil::{app, telemetry};
+use vigil::{app, jobs, telemetry};
 
 /// Turns a declarative jobs.toml into scheduled jobs whose results land in PostgreSQL.
 #[derive(Parser)]
@@ -63,7 +63,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     let env = Environment::capture()?;
     let command = cli.command.unwrap_or(Command::Run);
 
-    let config = match config::load(&cli.config, &env) {
+    let config = match config::load(&cli.config, &env, &jobs::Registry::builtin()) {
         Ok(c) => c,
         Err(diags) => {
             eprintln!("{diags}");

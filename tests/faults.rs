@@ -20,10 +20,14 @@ fn spec(name: &str, scope: &str) -> JobSpec {
         "[[jobs]]\nname = \"{name}\"\nkind = \"command\"\nevery = \"1s\"\nscope = \"{scope}\"\n\
          [jobs.settings]\ncommand = [\"true\"]\n"
     );
-    config::parse_jobs(Path::new("t.toml"), &text)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .jobs
-        .remove(0)
+    config::parse_jobs(
+        Path::new("t.toml"),
+        &text,
+        &vigil::jobs::Registry::builtin(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    .jobs
+    .remove(0)
 }
 
 /// Succeeds at once, touching nothing.

@@ -68,7 +68,12 @@ impl TestApp {
 
     async fn spawn_with(jobs: &str, env: &[(&str, &str)]) -> Self {
         let db = TestDb::new().await;
-        let file = config::parse_jobs(Path::new("jobs.toml"), jobs).unwrap();
+        let file = config::parse_jobs(
+            Path::new("jobs.toml"),
+            jobs,
+            &vigil::jobs::Registry::builtin(),
+        )
+        .unwrap();
         // The file is not on disk: nothing to watch.
         let mut vars: Vec<(&str, &str)> = vec![
             ("PORT", "0"),

@@ -14,8 +14,9 @@ use mongodb::bson::oid::ObjectId;
 use mongodb::bson::spec::BinarySubtype;
 use mongodb::bson::{Binary, Bson, DateTime as BsonDateTime, Document, doc};
 use vigil::config::{self, JobSpec};
+use vigil::jobs::mongo_sync::MongoSyncConfig;
 use vigil::jobs::mongo_sync::{Fault, MongoSync};
-use vigil::jobs::{self, Job, KindConfig, RunContext, RunOutcome};
+use vigil::jobs::{self, Job, RunContext, RunOutcome};
 use vigil::scheduler::{Ledger, Scheduler, ledger};
 use vigil::store::{RunStatus, Store};
 
@@ -24,17 +25,19 @@ fn spec(uri: &str, settings: &str) -> JobSpec {
         "[[jobs]]\nname = \"reading-sync\"\nkind = \"mongo_sync\"\nevery = \"1m\"\ntimeout = \"5m\"\n\
          [jobs.settings]\nuri = \"{uri}\"\ndatabase = \"obs\"\ncollection = \"readings\"\n{settings}\n"
     );
-    config::parse_jobs(Path::new("t.toml"), &text)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .jobs
-        .remove(0)
+    config::parse_jobs(
+        Path::new("t.toml"),
+        &text,
+        &vigil::jobs::Registry::builtin(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    .jobs
+    .remove(0)
 }
 
 fn sync_job(spec: &JobSpec, store: &Store) -> MongoSync {
-    let KindConfig::MongoSync(c) = &spec.settings else {
-        unreachable!()
-    };
-    MongoSync::new(&spec.name, (**c).clone(), None, store.clone())
+    let c: &MongoSyncConfig = spec.settings.get().unwrap();
+    MongoSync::new(&spec.name, c.clone(), None, store.clone())
 }
 
 fn ctx() -> RunContext {
@@ -432,10 +435,14 @@ async fn mongodb_down_fails_the_run_clearly_marks_nothing_and_is_retried() {
              retries = {{ max_attempts = 2, initial_backoff = \"100ms\" }}\n\
              [jobs.settings]\nuri = \"{uri}\"\ndatabase = \"obs\"\ncollection = \"readings\"\n"
         );
-        config::parse_jobs(Path::new("t.toml"), &text)
-            .unwrap()
-            .jobs
-            .remove(0)
+        config::parse_jobs(
+            Path::new("t.toml"),
+            &text,
+            &vigil::jobs::Registry::builtin(),
+        )
+        .unwrap()
+        .jobs
+        .remove(0)
     };
     let job = jobs::build(&spec, &db.deps()).unwrap();
     let scheduler = Scheduler::new(
@@ -641,10 +648,14 @@ async fn a_generated_mix_with_scattered_bad_documents_loads_every_good_one_exact
              batch_size = 250\nmax_document_bytes = 16384\n",
             mongo.uri
         );
-        config::parse_jobs(Path::new("t.toml"), &text)
-            .unwrap()
-            .jobs
-            .remove(0)
+        config::parse_jobs(
+            Path::new("t.toml"),
+            &text,
+            &vigil::jobs::Registry::builtin(),
+        )
+        .unwrap()
+        .jobs
+        .remove(0)
     };
     let job = jobs::build(&spec, &db.deps()).unwrap();
     let scheduler = Scheduler::new(

@@ -22,16 +22,17 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use serde_json::Value;
 use vigil::config::{self, JobSpec};
+use vigil::jobs::mongo_sync;
+use vigil::jobs::mongo_sync::MongoSyncConfig;
 use vigil::jobs::mongo_sync::transform::PG_MIN_TIMESTAMP_MS;
 use vigil::jobs::mongo_sync::{Fetched, MongoSync};
-use vigil::jobs::{KindConfig, mongo_sync};
 
 fn spec() -> JobSpec {
     let text = "[[jobs]]\nname = \"prop-sync\"\nkind = \"mongo_sync\"\nevery = \"1m\"\n\
                 [jobs.settings]\nuri = \"mongodb://127.0.0.1:1\"\ndatabase = \"obs\"\n\
                 collection = \"readings\"\nsource_id_field = \"reading_id\"\n\
                 occurred_at_field = \"timestamp\"\nmax_document_bytes = 65536\n";
-    config::parse_jobs(Path::new("t.toml"), text)
+    config::parse_jobs(Path::new("t.toml"), text, &vigil::jobs::Registry::builtin())
         .unwrap_or_else(|e| panic!("{e}"))
         .jobs
         .remove(0)
@@ -340,10 +341,8 @@ fn every_generated_document_is_loaded_exactly_or_quarantined_with_a_reason() {
         .unwrap();
     });
     let spec = spec();
-    let KindConfig::MongoSync(c) = &spec.settings else {
-        unreachable!()
-    };
-    let job = MongoSync::new(&spec.name, (**c).clone(), None, db.store.clone());
+    let c: &MongoSyncConfig = spec.settings.get().unwrap();
+    let job = MongoSync::new(&spec.name, c.clone(), None, db.store.clone());
     let loaded: std::sync::Mutex<Vec<(String, RawDocumentBuf)>> = Default::default();
     let totals: std::sync::Mutex<HashMap<&'static str, usize>> = Default::default();
 

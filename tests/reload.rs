@@ -34,7 +34,8 @@ impl Live {
             ("VIGIL_HOST", "reload-test"),
             ("VIGIL_WATCH_CONFIG", if watch { "true" } else { "false" }),
         ]);
-        let config = config::load(&path, &env).unwrap_or_else(|e| panic!("{e}"));
+        let config = config::load(&path, &env, &vigil::jobs::Registry::builtin())
+            .unwrap_or_else(|e| panic!("{e}"));
         let app = App::start(&config, &db.store).await.unwrap();
         let base = format!("http://{}", app.address());
         Self {

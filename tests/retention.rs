@@ -15,10 +15,14 @@ fn retention_spec(batch: u32, older_than: &str) -> vigil::config::JobSpec {
          [jobs.settings]\nbatch_size = {batch}\n\
          tables = [{{ table = \"system_metrics\", column = \"ts\", older_than = \"{older_than}\" }}]\n"
     );
-    config::parse_jobs(Path::new("t.toml"), &text)
-        .unwrap()
-        .jobs
-        .remove(0)
+    config::parse_jobs(
+        Path::new("t.toml"),
+        &text,
+        &vigil::jobs::Registry::builtin(),
+    )
+    .unwrap()
+    .jobs
+    .remove(0)
 }
 
 fn ctx() -> RunContext {
@@ -99,7 +103,7 @@ async fn retention_on_a_missing_column_fails_with_a_message_naming_it() {
     let db = TestDb::new().await;
     let text = "[[jobs]]\nname = \"prune\"\nkind = \"retention\"\nevery = \"1h\"\n\
                 [jobs.settings]\ntables = [{ table = \"system_metrics\", column = \"created\", older_than = \"1d\" }]\n";
-    let spec = config::parse_jobs(Path::new("t.toml"), text)
+    let spec = config::parse_jobs(Path::new("t.toml"), text, &vigil::jobs::Registry::builtin())
         .unwrap()
         .jobs
         .remove(0);

@@ -19,10 +19,14 @@ fn spec(name: &str, fields: &str) -> JobSpec {
     let text = format!(
         "[[jobs]]\nname = \"{name}\"\nkind = \"command\"\n{fields}\n[jobs.settings]\ncommand = [\"true\"]\n"
     );
-    config::parse_jobs(Path::new("test.toml"), &text)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .jobs
-        .remove(0)
+    config::parse_jobs(
+        Path::new("test.toml"),
+        &text,
+        &vigil::jobs::Registry::builtin(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    .jobs
+    .remove(0)
 }
 
 struct Sleep(Duration);

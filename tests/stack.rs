@@ -148,9 +148,13 @@ command = ["true"]
 "#,
         uri = mongo.uri
     );
-    let specs = config::parse_jobs(Path::new("stack.toml"), &text)
-        .unwrap()
-        .jobs;
+    let specs = config::parse_jobs(
+        Path::new("stack.toml"),
+        &text,
+        &vigil::jobs::Registry::builtin(),
+    )
+    .unwrap()
+    .jobs;
     let deps = Deps {
         store: store.clone(),
         host: "stack".into(),
@@ -162,7 +166,7 @@ command = ["true"]
         specs.iter().map(|s| s.kind.to_string()).collect();
     assert_eq!(
         kinds.len(),
-        vigil::jobs::JobKind::ALL.len(),
+        vigil::config::Kinds::names(&vigil::jobs::Registry::builtin()).len(),
         "every kind is exercised"
     );
     for spec in &specs {

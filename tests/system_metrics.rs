@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use common::{TestDb, eventually};
 use serde_json::Value;
 use vigil::config::{self, JobSpec};
+use vigil::jobs::system_metrics::SystemMetricsConfig;
 use vigil::jobs::{self, Deps, Job as _, RunContext};
 use vigil::scheduler::{Ledger, Scheduler, ledger};
 use vigil::store::embedded::{self, EmbeddedPostgres};
@@ -21,10 +22,14 @@ fn spec(every: &str, settings: &str) -> JobSpec {
     let text = format!(
         "[[jobs]]\nname = \"host\"\nkind = \"system_metrics\"\nevery = \"{every}\"\n[jobs.settings]\n{settings}\n"
     );
-    config::parse_jobs(Path::new("t.toml"), &text)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .jobs
-        .remove(0)
+    config::parse_jobs(
+        Path::new("t.toml"),
+        &text,
+        &vigil::jobs::Registry::builtin(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    .jobs
+    .remove(0)
 }
 
 fn ctx() -> RunContext {
@@ -331,10 +336,10 @@ async fn a_full_buffer_drops_the_oldest_samples_and_counts_them() {
     let store = Store::from_pool(pool);
     let job = vigil::jobs::system_metrics::SystemMetrics::new(
         "host",
-        &match spec("1s", "collect = [\"uptime\"]\nbuffer = 10").settings {
-            vigil::jobs::KindConfig::SystemMetrics(c) => c,
-            _ => unreachable!(),
-        },
+        spec("1s", "collect = [\"uptime\"]\nbuffer = 10")
+            .settings
+            .get::<SystemMetricsConfig>()
+            .unwrap(),
         store,
         "h",
         None,
@@ -353,9 +358,7 @@ async fn a_full_buffer_drops_the_oldest_samples_and_counts_them() {
 async fn a_sample_still_in_progress_makes_the_next_firing_skip_not_wait() {
     let db = TestDb::new().await;
     let spec = spec("1s", "collect = [\"cpu\", \"memory\"]");
-    let vigil::jobs::KindConfig::SystemMetrics(c) = &spec.settings else {
-        unreachable!()
-    };
+    let c: &SystemMetricsConfig = spec.settings.get().unwrap();
     let job = vigil::jobs::system_metrics::SystemMetrics::new(
         "host",
         c,
@@ -414,10 +417,7 @@ async fn a_full_buffer_spills_to_disk_instead_of_dropping_and_disk_is_written_fi
     let build = |store: Store| {
         let job = vigil::jobs::system_metrics::SystemMetrics::new(
             "host",
-            &match &spec.settings {
-                vigil::jobs::KindConfig::SystemMetrics(c) => c.clone(),
-                _ => unreachable!(),
-            },
+            spec.settings.get::<SystemMetricsConfig>().unwrap(),
             store,
             "h",
             None,

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Diagnostics, Settings};
 use crate::gateway::{self, Gateway};
-use crate::jobs::{Deps, SpoolPlace};
+use crate::jobs::{Deps, Registry, SpoolPlace};
 use crate::scheduler::{Ledger, RunResult, Scheduler, SchedulerError, TriggerError, ledger};
 use crate::store::embedded::{self, EmbeddedError, EmbeddedPostgres};
 use crate::store::{PoolOptions, Store, StoreError, Target};
@@ -128,7 +128,12 @@ pub async fn scheduler(
         mongo_uri: config.settings.mongo_uri.clone(),
         spool: Some(spool),
     };
-    let reloader = Arc::new(Reloader::new(config, scheduler.clone(), deps));
+    let reloader = Arc::new(Reloader::new(
+        config,
+        scheduler.clone(),
+        deps,
+        Registry::builtin(),
+    ));
     reloader
         .apply(config, Cause::Start)
         .await

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config, Diagnostic, Diagnostics, Environment, Origin, RunnerEntry};
 use crate::gateway::Reload;
-use crate::jobs::{self, Deps};
+use crate::jobs::{Deps, Registry};
 use crate::scheduler::{ApplyReport, Scheduler};
 
 /// Editors write a file in several steps (truncate, write, rename); wait for quiet.
@@ -46,6 +46,8 @@ pub struct Reloader {
     runner: Vec<(String, ::config::ValueKind)>,
     scheduler: Scheduler,
     deps: Deps,
+    /// The kinds jobs files may name, and how their jobs are built.
+    registry: Registry,
     /// One reload at a time, so two quick edits apply in order.
     serial: tokio::sync::Mutex<()>,
     /// Digest of the text last read, so file events that change nothing do nothing.
@@ -53,13 +55,14 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    pub fn new(config: &Config, scheduler: Scheduler, deps: Deps) -> Self {
+    pub fn new(config: &Config, scheduler: Scheduler, deps: Deps, registry: Registry) -> Self {
         Self {
             path: config.file.path.clone(),
             env: config.env.clone(),
             runner: runner_values(&config.file.runner),
             scheduler,
             deps,
+            registry,
             serial: tokio::sync::Mutex::new(()),
             last_digest: AtomicU64::new(config.file.digest),
         }
@@ -74,11 +77,11 @@ impl Reloader {
                 "the [runner] table changed; settings take effect at the next restart, jobs now"
             );
         }
-        let deps = &self.deps;
+        let (deps, registry) = (&self.deps, &self.registry);
         let report = self
             .scheduler
             .apply(config.file.jobs.clone(), |spec| {
-                jobs::build(spec, deps).map_err(|e| e.to_string())
+                registry.build(spec, deps).map_err(|e| e.to_string())
             })
             .await
             .map_err(|e| {
@@ -133,7 +136,7 @@ impl Reloader {
                 ..ApplyReport::default()
             });
         }
-        match config::load_text(&self.path, &text, &self.env) {
+        match config::load_text(&self.path, &text, &self.env, &self.registry) {
             Ok(config) => self.apply(&config, cause).await,
             Err(diags) => {
                 log_rejected(cause, &self.path, &diags);

@@ -14,9 +14,9 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use super::diagnostic::{Diagnostic, Diagnostics, Origin, SourceMap};
 use super::job::{CatchUp, JobSpec, Overlap, RetryConfig, RetryPolicy, Scope};
+use super::kinds::{Kinds, SettingsReader};
 use super::schedule::{CronExpr, MIN_EVERY, Schedule, TimeZone};
 use super::types::{HumanDuration, Slug};
-use crate::jobs::{JobKind, KindConfig};
 
 /// A `[runner]` value, kept with where it was written; `settings` layers it.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,9 +51,9 @@ pub fn digest(text: &str) -> u64 {
 
 /// Reads and validates `path`. On failure the `[runner]` entries that could be read are
 /// still returned, so settings problems are reported alongside job problems.
-pub fn load(path: &Path) -> Result<JobsFile, (Diagnostics, Vec<RunnerEntry>)> {
+pub fn load(path: &Path, kinds: &dyn Kinds) -> Result<JobsFile, (Diagnostics, Vec<RunnerEntry>)> {
     let text = std::fs::read_to_string(path).map_err(|e| (unreadable(path, &e), Vec::new()))?;
-    parse_keeping_runner(path, &text)
+    parse_keeping_runner(path, &text, kinds)
 }
 
 /// The problem reported when the jobs file cannot be read.
@@ -70,14 +70,15 @@ pub fn unreadable(path: &Path, e: &std::io::Error) -> Diagnostics {
 }
 
 /// Validates `text` as the contents of `path` (used for messages only).
-pub fn parse(path: &Path, text: &str) -> Result<JobsFile, Diagnostics> {
-    parse_keeping_runner(path, text).map_err(|(d, _)| d)
+pub fn parse(path: &Path, text: &str, kinds: &dyn Kinds) -> Result<JobsFile, Diagnostics> {
+    parse_keeping_runner(path, text, kinds).map_err(|(d, _)| d)
 }
 
 /// Like [`parse`], also returning the `[runner]` entries that could be read on failure.
 pub fn parse_keeping_runner(
     path: &Path,
     text: &str,
+    kinds: &dyn Kinds,
 ) -> Result<JobsFile, (Diagnostics, Vec<RunnerEntry>)> {
     let map = SourceMap::new(path, text);
     let (doc, syntax_errors) = DeTable::parse_recoverable(text);
@@ -112,7 +113,8 @@ pub fn parse_keeping_runner(
         match value.into_inner() {
             DeValue::Array(items) => {
                 for (index, item) in items.iter().enumerate() {
-                    let Some((spec, name_span)) = parse_job(&map, index, item.clone(), &mut diags)
+                    let Some((spec, name_span)) =
+                        parse_job(&map, kinds, index, item.clone(), &mut diags)
                     else {
                         continue;
                     };
@@ -218,7 +220,10 @@ fn runner_entries(
 #[serde(deny_unknown_fields)]
 struct RawJob {
     name: Spanned<Slug>,
-    kind: Spanned<JobKind>,
+    /// Read (and checked against the kinds) before deserializing; declared so that a
+    /// missing or mistyped `kind` is reported like any other field.
+    #[serde(rename = "kind")]
+    _kind: Spanned<String>,
     cron: Option<Spanned<CronExpr>>,
     timezone: Option<Spanned<TimeZone>>,
     every: Option<Spanned<HumanDuration>>,
@@ -251,6 +256,7 @@ fn job_label(index: usize, table: &DeTable<'_>) -> String {
 
 fn parse_job(
     map: &SourceMap<'_>,
+    kinds: &dyn Kinds,
     index: usize,
     item: Spanned<DeValue<'_>>,
     diags: &mut Vec<Diagnostic>,
@@ -269,10 +275,35 @@ fn parse_job(
     let label = job_label(index, &table);
     let settings = take_key(&mut table, "settings");
     // Read the kind up front so the settings are checked even if other fields are bad.
-    let kind = table
-        .get("kind")
-        .and_then(|k| k.get_ref().as_str())
-        .and_then(|k| JobKind::ALL.into_iter().find(|kind| kind.as_str() == k));
+    let names = kinds.names();
+    let kind: Option<&'static str> = match table.get("kind").map(|k| (k.span(), k.get_ref())) {
+        Some((span, DeValue::String(k))) => match names.iter().find(|n| **n == k.as_ref()) {
+            Some(name) => Some(*name),
+            None => {
+                diags.push(map.diagnostic(
+                    Some(span.clone()),
+                    Some(label.clone()),
+                    format!(
+                        "unknown job kind {:?}, expected one of {}",
+                        k.as_ref(),
+                        names
+                            .iter()
+                            .map(|n| format!("\"{n}\""))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+                // Reported here; the structure check below need not say it again.
+                table.remove("kind");
+                table.insert(
+                    Spanned::new(span.clone(), "kind".into()),
+                    Spanned::new(span, DeValue::String("?".into())),
+                );
+                None
+            }
+        },
+        _ => None,
+    };
 
     let raw: Option<RawJob> = deserialize_collecting(
         map,
@@ -282,7 +313,15 @@ fn parse_job(
     );
     let settings_value =
         settings.unwrap_or_else(|| Spanned::new(header.clone(), DeValue::Table(DeTable::new())));
-    let settings = kind.and_then(|kind| parse_settings(map, &label, kind, settings_value, diags));
+    let settings = kind.and_then(|kind| {
+        let mut reader = SettingsReader {
+            map,
+            label: format!("{label} settings"),
+            value: Some(settings_value),
+            diags,
+        };
+        kinds.read_settings(kind, &mut reader)
+    });
     let raw = raw?;
     let job = Some(label.clone());
 
@@ -353,10 +392,11 @@ fn parse_job(
     if diags.len() > errors_before {
         return None;
     }
+    let kind = kind?;
     Some((
         JobSpec {
             name: raw.name.get_ref().to_string(),
-            kind: *raw.kind.get_ref(),
+            kind,
             schedule: schedule?,
             enabled: raw.enabled,
             timeout: raw
@@ -365,9 +405,7 @@ fn parse_job(
             retries,
             overlap: raw.overlap,
             catch_up: raw.catch_up,
-            scope: raw
-                .scope
-                .unwrap_or_else(|| Scope::default_for(*raw.kind.get_ref())),
+            scope: raw.scope.unwrap_or_else(|| kinds.default_scope(kind)),
             settings: settings?,
         },
         raw.name.span(),
@@ -405,37 +443,13 @@ fn retry_policy(
     policy
 }
 
-fn parse_settings(
-    map: &SourceMap<'_>,
-    label: &str,
-    kind: JobKind,
-    value: Spanned<DeValue<'_>>,
-    diags: &mut Vec<Diagnostic>,
-) -> Option<KindConfig> {
-    let label = format!("{label} settings");
-    match kind {
-        JobKind::SystemMetrics => deserialize_collecting(map, &label, value, diags)
-            .and_then(|c| check(map, &label, c, diags))
-            .map(KindConfig::SystemMetrics),
-        JobKind::MongoSync => deserialize_collecting(map, &label, value, diags)
-            .and_then(|c| check(map, &label, c, diags))
-            .map(|c| KindConfig::MongoSync(Box::new(c))),
-        JobKind::Retention => deserialize_collecting(map, &label, value, diags)
-            .and_then(|c| check(map, &label, c, diags))
-            .map(KindConfig::Retention),
-        JobKind::Command => deserialize_collecting(map, &label, value, diags)
-            .and_then(|c| check(map, &label, c, diags))
-            .map(KindConfig::Command),
-    }
-}
-
 /// Cross-field checks a kind's settings do on themselves after deserializing.
 pub trait Validate {
     /// Problems as (span, message); an empty list means valid.
     fn validate(&self) -> Vec<(Option<Range<usize>>, String)>;
 }
 
-fn check<T: Validate>(
+pub(super) fn check<T: Validate>(
     map: &SourceMap<'_>,
     label: &str,
     config: T,
@@ -455,7 +469,7 @@ fn check<T: Validate>(
 const MAX_ATTEMPTS_PER_VALUE: usize = 64;
 
 /// Deserializes `value`, recording every error it can attribute to a key.
-fn deserialize_collecting<'i, T: Deserialize<'i>>(
+pub(super) fn deserialize_collecting<'i, T: Deserialize<'i>>(
     map: &SourceMap<'_>,
     label: &str,
     mut value: Spanned<DeValue<'i>>,
@@ -519,6 +533,44 @@ fn take_key<'i>(table: &mut DeTable<'i>, key: &str) -> Option<Spanned<DeValue<'i
     table.remove(key)
 }
 
+/// A stand-in for the real kinds, for config's own tests: config knows none.
+#[cfg(test)]
+pub(super) mod test_kinds {
+    use super::super::kinds::JobSettings;
+    use super::*;
+
+    #[derive(Debug, PartialEq, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct CommandSettings {
+        pub command: Vec<String>,
+    }
+
+    impl Validate for CommandSettings {
+        fn validate(&self) -> Vec<(Option<Range<usize>>, String)> {
+            Vec::new()
+        }
+    }
+
+    /// One kind, `command`, with a `command` list.
+    pub struct Commands;
+
+    impl Kinds for Commands {
+        fn names(&self) -> Vec<&'static str> {
+            vec!["command"]
+        }
+        fn default_scope(&self, _kind: &str) -> Scope {
+            Scope::Cluster
+        }
+        fn read_settings(
+            &self,
+            _kind: &str,
+            reader: &mut SettingsReader<'_, '_>,
+        ) -> Option<JobSettings> {
+            reader.read::<CommandSettings>().map(JobSettings::new)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -526,7 +578,8 @@ mod tests {
     #[test]
     fn each_job_is_located_by_its_name() {
         let text = "[[jobs]]\nname = \"a\"\nkind = \"command\"\nevery = \"1s\"\n[jobs.settings]\ncommand = [\"true\"]\n\n[[jobs]]\n  name = 'b'\nkind = \"command\"\nevery = \"1s\"\n[jobs.settings]\ncommand = [\"true\"]\n";
-        let file = parse(Path::new("jobs.toml"), text).unwrap_or_else(|e| panic!("{e}"));
+        let file = parse(Path::new("jobs.toml"), text, &test_kinds::Commands)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(file.origins["a"].to_string(), "jobs.toml:2:8");
         assert_eq!(file.origins["b"].to_string(), "jobs.toml:9:10");
         assert_eq!(file.origins.len(), 2);

@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::kinds::JobSettings;
 use super::schedule::Schedule;
 use super::types::HumanDuration;
-use crate::jobs::{JobKind, KindConfig};
 
 /// What happens when a job fires while an earlier run of it is still going.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -44,14 +44,6 @@ pub enum Scope {
 }
 
 impl Scope {
-    /// Host metrics describe each host; everything else is work done once.
-    pub fn default_for(kind: crate::jobs::JobKind) -> Self {
-        match kind {
-            crate::jobs::JobKind::SystemMetrics => Scope::Host,
-            _ => Scope::Cluster,
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             Scope::Cluster => "cluster",
@@ -126,7 +118,8 @@ impl Default for RetryPolicy {
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobSpec {
     pub name: String,
-    pub kind: JobKind,
+    /// The kind's name, as the kinds in use know it.
+    pub kind: &'static str,
     pub schedule: Schedule,
     pub enabled: bool,
     /// Limit on one attempt; the attempt is cancelled and recorded `timed_out`.
@@ -135,7 +128,8 @@ pub struct JobSpec {
     pub overlap: Overlap,
     pub catch_up: CatchUp,
     pub scope: Scope,
-    pub settings: KindConfig,
+    /// The kind's own settings; the kind reads them back with [`JobSettings::get`].
+    pub settings: JobSettings,
 }
 
 impl JobSpec {

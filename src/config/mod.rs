@@ -5,6 +5,7 @@
 mod diagnostic;
 mod file;
 mod job;
+mod kinds;
 mod schedule;
 mod settings;
 mod types;
@@ -12,6 +13,7 @@ mod types;
 pub use diagnostic::{Diagnostic, Diagnostics, Origin, SourceMap};
 pub use file::{JobsFile, RunnerEntry, Validate, digest, unreadable};
 pub use job::{CatchUp, JobSpec, Overlap, RetryConfig, RetryPolicy, Scope};
+pub use kinds::{JobSettings, Kinds, SettingsReader};
 pub use schedule::{CronExpr, Schedule, TimeZone};
 pub use settings::{DatabaseTarget, Environment, Secret, Settings, parse_bytes, redact_url};
 pub use types::{HumanDuration, Ident, Slug};
@@ -27,14 +29,20 @@ pub struct Config {
     pub env: Environment,
 }
 
-/// Loads `jobs.toml` and the settings layered over it, reporting every problem at once.
-pub fn load(path: &Path, env: &Environment) -> Result<Config, Diagnostics> {
-    combine(file::load(path), env)
+/// Loads `jobs.toml` (its jobs of `kinds`) and the settings layered over it, reporting
+/// every problem at once.
+pub fn load(path: &Path, env: &Environment, kinds: &dyn Kinds) -> Result<Config, Diagnostics> {
+    combine(file::load(path, kinds), env)
 }
 
 /// Like [`load`], with the file's contents already read (`text`, as if read from `path`).
-pub fn load_text(path: &Path, text: &str, env: &Environment) -> Result<Config, Diagnostics> {
-    combine(file::parse_keeping_runner(path, text), env)
+pub fn load_text(
+    path: &Path,
+    text: &str,
+    env: &Environment,
+    kinds: &dyn Kinds,
+) -> Result<Config, Diagnostics> {
+    combine(file::parse_keeping_runner(path, text, kinds), env)
 }
 
 fn combine(
@@ -70,7 +78,7 @@ fn combine(
     }
 }
 
-/// Parses jobs from a string, as if read from `path`; for tests and tools.
-pub fn parse_jobs(path: &Path, text: &str) -> Result<JobsFile, Diagnostics> {
-    file::parse(path, text)
+/// Parses jobs of `kinds` from a string, as if read from `path`; for tests and tools.
+pub fn parse_jobs(path: &Path, text: &str, kinds: &dyn Kinds) -> Result<JobsFile, Diagnostics> {
+    file::parse(path, text, kinds)
 }

@@ -26,8 +26,21 @@ use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::process::Command;
 use toml::Spanned;
 
-use super::{Job, JobError, RunContext, RunOutcome};
-use crate::config::Validate;
+use super::{Deps, Job, JobError, Kind, RunContext, RunOutcome};
+use crate::config::{JobSettings, JobSpec, Scope, Validate};
+
+/// Work done once per firing across replicas.
+pub const KIND: Kind = Kind {
+    name: "command",
+    default_scope: Scope::Cluster,
+    read: |r| r.read::<CommandConfig>().map(JobSettings::new),
+    build,
+};
+
+fn build(spec: &JobSpec, _deps: &Deps) -> Result<std::sync::Arc<dyn Job>, JobError> {
+    let c: &CommandConfig = super::settings(spec)?;
+    Ok(std::sync::Arc::new(CommandJob::new(c.clone())))
+}
 
 /// ```toml
 /// [jobs.settings]

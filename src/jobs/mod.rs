@@ -8,72 +8,95 @@ pub mod mongo_sync;
 pub mod retention;
 pub mod system_metrics;
 
-use std::fmt;
 use std::sync::Arc;
 
-use serde::{Deserialize, Deserializer, de::Error as _};
 use uuid::Uuid;
 
-use crate::config::JobSpec;
+use crate::config::{JobSettings, JobSpec, Kinds, Scope, SettingsReader};
 use crate::store::{Store, StoreError};
 use crate::telemetry::metrics::Metrics;
 
-/// The kinds a `[[jobs]]` entry can name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum JobKind {
-    SystemMetrics,
-    MongoSync,
-    Retention,
-    Command,
+/// One job kind: its name in `jobs.toml`, where it runs by default, how its
+/// `[jobs.settings]` are read and how a job of it is built. A new kind is a module
+/// with one of these and a line in [`Registry::builtin`].
+#[derive(Clone, Copy)]
+pub struct Kind {
+    pub name: &'static str,
+    pub default_scope: Scope,
+    pub read: fn(&mut SettingsReader<'_, '_>) -> Option<JobSettings>,
+    pub build: Build,
 }
 
-impl JobKind {
-    pub const ALL: [JobKind; 4] = [
-        JobKind::SystemMetrics,
-        JobKind::MongoSync,
-        JobKind::Retention,
-        JobKind::Command,
-    ];
+/// Makes a job from its validated spec.
+pub type Build = fn(&JobSpec, &Deps) -> Result<Arc<dyn Job>, JobError>;
 
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobKind::SystemMetrics => "system_metrics",
-            JobKind::MongoSync => "mongo_sync",
-            JobKind::Retention => "retention",
-            JobKind::Command => "command",
-        }
+/// The kinds a vigil knows; implements config's [`Kinds`].
+#[derive(Clone)]
+pub struct Registry {
+    kinds: Vec<Kind>,
+}
+
+impl Registry {
+    /// The kinds vigil ships.
+    pub fn builtin() -> Self {
+        Self::with(vec![
+            system_metrics::KIND,
+            mongo_sync::KIND,
+            retention::KIND,
+            command::KIND,
+        ])
+    }
+
+    /// Exactly these kinds (an embedding program's, or a test's own).
+    pub fn with(kinds: Vec<Kind>) -> Self {
+        Self { kinds }
+    }
+
+    /// These kinds and one more.
+    pub fn and(mut self, kind: Kind) -> Self {
+        self.kinds.push(kind);
+        self
+    }
+
+    fn kind(&self, name: &str) -> Option<&Kind> {
+        self.kinds.iter().find(|k| k.name == name)
+    }
+
+    /// Makes the job a validated spec describes.
+    pub fn build(&self, spec: &JobSpec, deps: &Deps) -> Result<Arc<dyn Job>, JobError> {
+        let kind = self
+            .kind(spec.kind)
+            .ok_or_else(|| JobError::Permanent(format!("unknown job kind {:?}", spec.kind)))?;
+        (kind.build)(spec, deps)
     }
 }
 
-impl fmt::Display for JobKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+impl Kinds for Registry {
+    fn names(&self) -> Vec<&'static str> {
+        self.kinds.iter().map(|k| k.name).collect()
+    }
+
+    fn default_scope(&self, kind: &str) -> Scope {
+        self.kind(kind).map_or(Scope::Cluster, |k| k.default_scope)
+    }
+
+    fn read_settings(
+        &self,
+        kind: &str,
+        reader: &mut SettingsReader<'_, '_>,
+    ) -> Option<JobSettings> {
+        (self.kind(kind)?.read)(reader)
     }
 }
 
-impl<'de> Deserialize<'de> for JobKind {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        JobKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| {
-                D::Error::custom(format!(
-                    "unknown job kind {s:?}, expected one of {}",
-                    JobKind::ALL.map(|k| format!("\"{k}\"")).join(", ")
-                ))
-            })
-    }
-}
-
-/// A kind's own settings, from the job's `[jobs.settings]` table.
-#[derive(Debug, Clone, PartialEq)]
-pub enum KindConfig {
-    SystemMetrics(system_metrics::SystemMetricsConfig),
-    /// Boxed: by far the largest settings.
-    MongoSync(Box<mongo_sync::MongoSyncConfig>),
-    Retention(retention::RetentionConfig),
-    Command(command::CommandConfig),
+/// A spec's settings as its kind's type: the kind made them, so they are.
+pub fn settings<T: std::any::Any>(spec: &JobSpec) -> Result<&T, JobError> {
+    spec.settings.get::<T>().ok_or_else(|| {
+        JobError::Permanent(format!(
+            "job \"{}\": its settings are not those of kind {:?}",
+            spec.name, spec.kind
+        ))
+    })
 }
 
 /// What a run needs to know about itself.
@@ -95,12 +118,40 @@ pub enum RunOutcome {
     Skipped { reason: String },
 }
 
+/// Why a run failed, and whether trying again can help.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Retried per the job's `retries`.
     #[error("{0}")]
     Failed(String),
+    /// Never retried: the same attempt would fail the same way (a program that does
+    /// not exist, an invalid URI or input).
+    #[error("{0}")]
+    Permanent(String),
+    /// Retried after this pause rather than the policy's backoff (still within
+    /// `max_attempts`): the job knows when it is worth trying again.
+    #[error("{message}")]
+    RetryAfter {
+        after: std::time::Duration,
+        message: String,
+    },
+}
+
+impl JobError {
+    /// Whether trying again cannot help.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, JobError::Permanent(_))
+    }
+
+    /// The pause the job asked for before the next attempt, if any.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            JobError::RetryAfter { after, .. } => Some(*after),
+            _ => None,
+        }
+    }
 }
 
 /// One runnable job. Implementations must be cancel-safe: the scheduler drops the
@@ -149,37 +200,7 @@ impl SpoolPlace {
     }
 }
 
-/// Builds the job a validated spec describes.
+/// Builds the job a validated spec of a built-in kind describes.
 pub fn build(spec: &JobSpec, deps: &Deps) -> Result<Arc<dyn Job>, JobError> {
-    Ok(match &spec.settings {
-        KindConfig::SystemMetrics(c) => {
-            let job = system_metrics::SystemMetrics::new(
-                &spec.name,
-                c,
-                deps.store.clone(),
-                &deps.host,
-                spec.schedule.typical_interval(),
-                &deps.metrics,
-            )?;
-            let host = c.host.as_deref().unwrap_or(&deps.host);
-            if let Some(spool) = deps
-                .spool
-                .as_ref()
-                .and_then(|p| p.open(&format!("samples-{host}")))
-            {
-                job.queue().set_spool(spool);
-            }
-            Arc::new(job)
-        }
-        KindConfig::MongoSync(c) => Arc::new(mongo_sync::MongoSync::new(
-            &spec.name,
-            (**c).clone(),
-            deps.mongo_uri.as_ref(),
-            deps.store.clone(),
-        )),
-        KindConfig::Retention(c) => {
-            Arc::new(retention::Retention::new(c.clone(), deps.store.clone()))
-        }
-        KindConfig::Command(c) => Arc::new(command::CommandJob::new(c.clone())),
-    })
+    Registry::builtin().build(spec, deps)
 }

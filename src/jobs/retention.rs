@@ -6,9 +6,25 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{Job, JobError, RunContext, RunOutcome};
-use crate::config::{HumanDuration, Ident, Validate};
+use super::{Deps, Job, JobError, Kind, RunContext, RunOutcome};
+use crate::config::{HumanDuration, Ident, JobSettings, JobSpec, Scope, Validate};
 use crate::store::Store;
+
+/// Work done once per firing across replicas.
+pub const KIND: Kind = Kind {
+    name: "retention",
+    default_scope: Scope::Cluster,
+    read: |r| r.read::<RetentionConfig>().map(JobSettings::new),
+    build,
+};
+
+fn build(spec: &JobSpec, deps: &Deps) -> Result<std::sync::Arc<dyn Job>, JobError> {
+    let c: &RetentionConfig = super::settings(spec)?;
+    Ok(std::sync::Arc::new(Retention::new(
+        c.clone(),
+        deps.store.clone(),
+    )))
+}
 
 /// ```toml
 /// [jobs.settings]

@@ -24,11 +24,29 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 use toml::Spanned;
 
-use super::{Job, JobError, RunContext, RunOutcome};
-use crate::config::{Ident, Secret, Validate};
+use super::{Deps, Job, JobError, Kind, RunContext, RunOutcome};
+use crate::config::{Ident, JobSettings, JobSpec, Scope, Secret, Validate};
 use crate::store::sync::{LoadRow, Reject};
 use crate::store::{Store, StoreError, pg_text};
 use transform::{TransformError, document_to_json, occurred_at, source_id};
+
+/// Work done once per firing across replicas.
+pub const KIND: Kind = Kind {
+    name: "mongo_sync",
+    default_scope: Scope::Cluster,
+    read: |r| r.read::<MongoSyncConfig>().map(JobSettings::new),
+    build,
+};
+
+fn build(spec: &JobSpec, deps: &Deps) -> Result<std::sync::Arc<dyn Job>, JobError> {
+    let c: &MongoSyncConfig = super::settings(spec)?;
+    Ok(std::sync::Arc::new(MongoSync::new(
+        &spec.name,
+        c.clone(),
+        deps.mongo_uri.as_ref(),
+        deps.store.clone(),
+    )))
+}
 
 /// Used when neither the job nor `MONGO_URI` names a server: MongoDB's own default.
 pub const DEFAULT_URI: &str = "mongodb://localhost:27017";

@@ -22,8 +22,8 @@ use serde::Deserialize;
 use tokio::sync::Notify;
 use toml::Spanned;
 
-use super::{Job, JobError, RunContext, RunOutcome};
-use crate::config::Validate;
+use super::{Deps, Job, JobError, Kind, RunContext, RunOutcome};
+use crate::config::{JobSettings, JobSpec, Scope, Validate};
 use crate::store::Store;
 use crate::store::spool::Spool;
 use crate::telemetry::metrics::{JobLabels, Metrics};
@@ -32,6 +32,35 @@ use prometheus_client::metrics::gauge::Gauge;
 pub use sample::{SHAPE_VERSION, Sample};
 pub use sampler::{Sampler, counter_delta};
 use tokio_util::sync::CancellationToken;
+
+/// Host metrics describe each host: on every replica by default.
+pub const KIND: Kind = Kind {
+    name: "system_metrics",
+    default_scope: Scope::Host,
+    read: |r| r.read::<SystemMetricsConfig>().map(JobSettings::new),
+    build,
+};
+
+fn build(spec: &JobSpec, deps: &Deps) -> Result<Arc<dyn Job>, JobError> {
+    let c: &SystemMetricsConfig = super::settings(spec)?;
+    let job = SystemMetrics::new(
+        &spec.name,
+        c,
+        deps.store.clone(),
+        &deps.host,
+        spec.schedule.typical_interval(),
+        &deps.metrics,
+    )?;
+    let host = c.host.as_deref().unwrap_or(&deps.host);
+    if let Some(spool) = deps
+        .spool
+        .as_ref()
+        .and_then(|p| p.open(&format!("samples-{host}")))
+    {
+        job.queue().set_spool(spool);
+    }
+    Ok(Arc::new(job))
+}
 
 /// What a sample includes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
