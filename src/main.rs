@@ -15,15 +15,9 @@ use vigil::{app, jobs, telemetry};
 #[derive(Parser)]
 #[command(name = "vigil", version, about, long_about = None)]
 struct Cli {
-    /// The jobs file.
-    #[arg(
-        long,
-        global = true,
-        value_name = "PATH",
-        env = "VIGIL_CONFIG",
-        default_value = "jobs.toml"
-    )]
-    config: PathBuf,
+    /// The jobs file [default: $VIGIL_CONFIG, else jobs.toml].
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -63,7 +57,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     let env = Environment::capture()?;
     let command = cli.command.unwrap_or(Command::Run);
 
-    let config = match config::load(&cli.config, &env, &jobs::Registry::builtin()) {
+    let path = cli
+        .config
+        .or_else(|| env.get("VIGIL_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("jobs.toml"));
+    let config = match config::load(&path, &env, &jobs::Registry::builtin()) {
         Ok(c) => c,
         Err(diags) => {
             eprintln!("{diags}");

@@ -367,21 +367,25 @@ async fn samples_and_ledger_rows_queued_at_shutdown_survive_a_restart() {
         (seconds[0]..=*seconds.last().unwrap()).collect::<Vec<_>>(),
         "no second missing"
     );
-    // The runs of the outage reached the ledger too, once each.
-    let runs: Vec<(DateTime<Utc>, i64)> = sqlx::query_as(
-        "SELECT scheduled_at, count(*) FROM job_runs WHERE job = 'host-metrics' \
-         AND scheduled_at > $1 AND scheduled_at < $2 GROUP BY 1 ORDER BY 1",
-    )
-    .bind(down_at)
-    .bind(stopped_at)
-    .fetch_all(store.pool())
-    .await
-    .unwrap();
-    assert!(
-        runs.len() >= 30,
-        "{} runs of the outage in the ledger",
-        runs.len()
-    );
+    // The runs of the outage reached the ledger too (its spool is written by a writer
+    // of its own, maybe a moment later), once each.
+    let runs: Vec<(DateTime<Utc>, i64)> =
+        common::eventually(Duration::from_secs(30), "the spooled ledger rows", || {
+            let store = store.clone();
+            async move {
+                let runs: Vec<(DateTime<Utc>, i64)> = sqlx::query_as(
+                    "SELECT scheduled_at, count(*) FROM job_runs WHERE job = 'host-metrics' \
+                     AND scheduled_at > $1 AND scheduled_at < $2 GROUP BY 1 ORDER BY 1",
+                )
+                .bind(down_at)
+                .bind(stopped_at)
+                .fetch_all(store.pool())
+                .await
+                .ok()?;
+                (runs.len() >= 30).then_some(runs)
+            }
+        })
+        .await;
     assert!(runs.iter().all(|(_, n)| *n == 1), "{runs:?}");
     drop(second);
     store.close().await;

@@ -51,8 +51,13 @@ impl Database {
             None => {
                 let data_dir = settings.data_dir.clone();
                 let bin = settings.pg_bin_dir.clone();
+                let path = settings.search_path.clone();
                 let pg = tokio::task::spawn_blocking(move || {
-                    EmbeddedPostgres::start(&data_dir, bin.as_deref())
+                    EmbeddedPostgres::start_searching(
+                        &data_dir,
+                        bin.as_deref(),
+                        path.as_deref().map(std::ffi::OsStr::new),
+                    )
                 })
                 .await
                 .map_err(|e| AppError::Other(format!("embedded PostgreSQL start-up: {e}")))??;

@@ -79,19 +79,34 @@ pub struct EmbeddedPostgres {
 
 impl EmbeddedPostgres {
     /// Finds `initdb` and `pg_ctl`: `override_dir` if given (and nothing else), else
-    /// Debian's versioned directories (newest first), `pg_config --bindir`, `$PATH`.
-    pub fn locate_binaries(override_dir: Option<&Path>) -> Result<PathBuf, EmbeddedError> {
+    /// Debian's versioned directories (newest first), `pg_config --bindir`, the
+    /// directories of `search_path` (`$PATH`, as configuration read it).
+    pub fn locate_binaries(
+        override_dir: Option<&Path>,
+        search_path: Option<&OsStr>,
+    ) -> Result<PathBuf, EmbeddedError> {
         locate_in(
             override_dir,
             Path::new("/usr/lib/postgresql"),
             OsStr::new("pg_config"),
-            std::env::var_os("PATH").as_deref(),
+            search_path,
         )
     }
 
     /// Initialises the cluster on first use, then starts it (or adopts it if running).
+    /// Binaries are looked for where [`EmbeddedPostgres::locate_binaries`] says, without
+    /// `$PATH`; see [`EmbeddedPostgres::start_searching`].
     pub fn start(data_dir: &Path, bin_override: Option<&Path>) -> Result<Self, EmbeddedError> {
-        let bin_dir = Self::locate_binaries(bin_override)?;
+        Self::start_searching(data_dir, bin_override, None)
+    }
+
+    /// Like [`EmbeddedPostgres::start`], also searching `search_path` for the binaries.
+    pub fn start_searching(
+        data_dir: &Path,
+        bin_override: Option<&Path>,
+        search_path: Option<&OsStr>,
+    ) -> Result<Self, EmbeddedError> {
+        let bin_dir = Self::locate_binaries(bin_override, search_path)?;
         let run_as = unprivileged_account()?;
         std::fs::create_dir_all(data_dir)
             .map_err(io("cannot create the data directory", data_dir))?;

@@ -54,6 +54,8 @@ pub struct LogOptions {
     pub target: LogTarget,
     /// Most bytes of log lines held while the reader of the target is slow.
     pub buffer_bytes: usize,
+    /// `RUST_BACKTRACE` is set: panics also go to stderr the standard way.
+    pub backtrace: bool,
 }
 
 impl LogOptions {
@@ -112,6 +114,7 @@ impl LogOptions {
             filter,
             target,
             buffer_bytes,
+            backtrace: env.get("RUST_BACKTRACE").is_some(),
         })
     }
 }
@@ -177,7 +180,7 @@ pub fn init(
         .with(sink)
         .try_init()
         .map_err(|_| TelemetryError::AlreadyInstalled)?;
-    install_panic_hook();
+    install_panic_hook(options.backtrace);
     Ok(Telemetry {
         loki: loki_handle,
         lines: Some(lines_handle),
@@ -202,7 +205,7 @@ pub fn loki_subscriber(
 }
 
 /// Panics become log events, inside whatever span (job, run) they happened in.
-fn install_panic_hook() {
+fn install_panic_hook(backtrace: bool) {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         let message = info
@@ -216,7 +219,7 @@ fn install_panic_hook() {
             .map(|l| format!("{}:{}", l.file(), l.line()))
             .unwrap_or_default();
         tracing::error!(panic = %message, %location, "panic");
-        if std::env::var_os("RUST_BACKTRACE").is_some() {
+        if backtrace {
             previous(info);
         }
     }));

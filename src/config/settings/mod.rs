@@ -54,6 +54,8 @@ pub struct Settings {
     /// Most bytes each spool (under `<data_dir>/spool`) keeps on disk.
     pub spool_max_bytes: u64,
     pub pg_bin_dir: Option<PathBuf>,
+    /// `$PATH`, where the embedded PostgreSQL's binaries are looked for last.
+    pub search_path: Option<String>,
     /// With a token, every request that starts work needs `Authorization: Bearer <token>`.
     pub api_token: Option<Secret>,
     /// Whether reads (job lists, run history, readings, metrics) need no token.
@@ -186,6 +188,7 @@ impl Settings {
                 1 << 20,
             ) as u64,
             pg_bin_dir: r.string("pg_bin_dir").map(PathBuf::from),
+            search_path: env.get("PATH").map(str::to_owned),
             api_token: r.string("api_token").map(Secret::new),
             api_reads_open: r.flag("api_reads_open", DEFAULT_API_READS_OPEN),
             reading_sync_job: r
