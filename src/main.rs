@@ -61,17 +61,30 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         .config
         .or_else(|| env.get("VIGIL_CONFIG").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("jobs.toml"));
+    // Migrations need the database settings only: no jobs file is needed for them
+    // (one that exists still lends its `[runner]` table, and must be valid).
+    if matches!(command, Command::Migrate) && !path.exists() {
+        let settings = match config::Settings::load(&[], &env) {
+            Ok(s) => s,
+            Err(diags) => return Ok(report(&diags)),
+        };
+        let _telemetry = telemetry::init(
+            &telemetry::LogOptions::from_env(&env, telemetry::LogTarget::Stderr)?,
+            None,
+            &Metrics::new(),
+        )?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        runtime.block_on(app::migrate(&settings))?;
+        println!("migrations applied");
+        return Ok(ExitCode::SUCCESS);
+    }
+
     let config = match config::load(&path, &env, &jobs::Registry::builtin()) {
         Ok(c) => c,
-        Err(diags) => {
-            eprintln!("{diags}");
-            eprintln!(
-                "vigil: {} problem{} in the configuration",
-                diags.0.len(),
-                if diags.0.len() == 1 { "" } else { "s" }
-            );
-            return Ok(ExitCode::FAILURE);
-        }
+        Err(diags) => return Ok(report(&diags)),
     };
 
     match command {
@@ -150,6 +163,17 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     // Last: logs written during shutdown still reach Loki.
     telemetry.shutdown(LOKI_FLUSH);
     result
+}
+
+/// Prints every configuration problem, then how many: the exit code says the rest.
+fn report(diags: &config::Diagnostics) -> ExitCode {
+    eprintln!("{diags}");
+    eprintln!(
+        "vigil: {} problem{} in the configuration",
+        diags.0.len(),
+        if diags.0.len() == 1 { "" } else { "s" }
+    );
+    ExitCode::FAILURE
 }
 
 /// How long exit waits for Loki to take the last queued log events.

@@ -295,5 +295,9 @@ fn the_checks_see_what_they_look_for() {
         [(1, "a ")]
     );
     assert!(sources().len() > 30, "found the sources");
-    assert_eq!(module_of(&sources()[0]), "app", "the first source is src/app/mod.rs");
+    assert_eq!(
+        module_of(&sources()[0]),
+        "app",
+        "the first source is src/app/mod.rs"
+    );
 }

@@ -516,3 +516,58 @@ command = ["true"]
     child.signal(Signal::SIGTERM);
     assert!(child.wait_exit(Duration::from_secs(15)).is_some());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_needs_no_jobs_file() {
+    let db = TestDb::empty().await;
+    let dir = tempdir();
+    let out = vigil(dir.path(), &["migrate"], &[("DATABASE_URL", &db.url)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "migrations applied"
+    );
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert!(n >= 5, "{n} migrations");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trigger_ends_quietly_and_writes_what_its_job_queued() {
+    let db = TestDb::empty().await;
+    let dir = tempdir();
+    write(
+        dir.path(),
+        "jobs.toml",
+        "[[jobs]]\nname = \"host\"\nkind = \"system_metrics\"\nevery = \"1h\"\n\
+         [jobs.settings]\ncollect = [\"cpu\", \"memory\"]\n",
+    );
+    let out = vigil(
+        dir.path(),
+        &["trigger", "host"],
+        &[("DATABASE_URL", &db.url)],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let loud: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("\"level\":\"error\"") || l.contains("\"level\":\"warn\""))
+        .collect();
+    assert!(loud.is_empty(), "warnings or errors: {loud:#?}");
+    // The sample the run queued is written before the process ends.
+    let samples: i64 = sqlx::query_scalar("SELECT count(*) FROM system_metrics")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(samples, 1);
+}

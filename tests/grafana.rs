@@ -299,6 +299,8 @@ async fn seed(db: &TestDb) {
                 items: Some(k),
                 error: error.map(String::from),
                 host: "host-a".into(),
+                permanent: false,
+                retry_after_ms: None,
             });
         }
     }

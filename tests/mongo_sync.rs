@@ -764,3 +764,44 @@ async fn a_generated_mix_with_scattered_bad_documents_loads_every_good_one_exact
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_no_mongodb_configured_or_local_the_sync_waits_and_says_what_to_set() {
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", 27017)).is_err(),
+        "this test needs nothing listening on localhost:27017 (MongoDB's default address)"
+    );
+    let db = TestDb::new().await;
+    let spec = {
+        let text = "[[jobs]]\nname = \"reading-sync\"\nkind = \"mongo_sync\"\nevery = \"1m\"\n\
+                    [jobs.settings]\ndatabase = \"obs\"\ncollection = \"readings\"\n";
+        config::parse_jobs(Path::new("t.toml"), text, &vigil::jobs::Registry::builtin())
+            .unwrap()
+            .jobs
+            .remove(0)
+    };
+    // Neither the job nor MONGO_URI names a server.
+    let job = jobs::build(&spec, &db.deps()).unwrap();
+    for _ in 0..2 {
+        match job.run(ctx()).await {
+            Ok(RunOutcome::Skipped { reason }) => {
+                assert!(
+                    reason.contains("waiting for MongoDB") && reason.contains("MONGO_URI"),
+                    "{reason}"
+                );
+            }
+            other => panic!("expected a skip, not a failure to retry: {other:?}"),
+        }
+    }
+    // Where a server was named, an unreachable one is a failure (an outage).
+    let mut named = spec.clone();
+    let c: &MongoSyncConfig = spec.settings.get().unwrap();
+    let mut c = c.clone();
+    c.uri = Some(toml::Spanned::new(
+        0..0,
+        config::Secret::new("mongodb://127.0.0.1:27017"),
+    ));
+    named.settings = config::JobSettings::new(c);
+    let job = jobs::build(&named, &db.deps()).unwrap();
+    assert!(job.run(ctx()).await.is_err());
+}

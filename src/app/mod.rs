@@ -259,12 +259,13 @@ pub async fn trigger(config: &Config, job: &str, force: bool) -> Result<RunResul
         let (scheduler, _) = scheduler(config, &db.store, &Metrics::new()).await?;
         let mut handle = scheduler.trigger(job, force)?;
         let result = handle.finished().await;
-        match scheduler.ledger().close(Duration::from_secs(30)).await {
-            Ok(true) => {}
-            Ok(false) => tracing::error!(
+        // The same shutdown as `vigil run`'s: jobs flush what they queued (a host
+        // sample), the ledger is written (or spooled), the timer stops quietly.
+        let report = scheduler.shutdown(config.settings.shutdown_grace).await;
+        if !report.ledger_flushed {
+            tracing::error!(
                 "PostgreSQL did not take the run's ledger rows; they are spooled for the next start"
-            ),
-            Err(e) => tracing::error!(error = %e, "the run's ledger rows were not all written"),
+            );
         }
         Ok::<_, AppError>(result)
     }

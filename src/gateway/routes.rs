@@ -420,7 +420,7 @@ async fn finish_or_accept(
 /// Makes the ledger's queued rows visible before reading them; bounded, so a slow
 /// database delays the answer by at most two seconds.
 async fn flush_ledger(state: &State) {
-    if let Err(e) = state.scheduler.ledger().flush(Duration::from_secs(2)).await {
+    if let Err(e) = state.scheduler.flush_ledger(Duration::from_secs(2)).await {
         tracing::debug!(error = %e, "answering with the rows written so far");
     }
 }
@@ -460,6 +460,8 @@ fn run_view(r: &RunRecord) -> Value {
         "items": r.items,
         "error": r.error,
         "host": r.host,
+        "permanent": r.permanent,
+        "retry_after_ms": r.retry_after_ms,
         "duration_ms": r.finished_at.map(|f| (f - r.started_at).num_milliseconds()),
     })
 }

@@ -272,9 +272,17 @@ impl Job for CommandJob {
         if let Some(dir) = &c.workdir {
             cmd.current_dir(dir);
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| JobError::Failed(format!("cannot start {program:?}: {e}")))?;
+        let mut child = cmd.spawn().map_err(|e| {
+            let message = format!("cannot start {program:?}: {e}");
+            // A missing program (or work directory) or one that may not be run stays so
+            // however often it is tried.
+            match e.kind() {
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
+                    JobError::Permanent(message)
+                }
+                _ => JobError::Failed(message),
+            }
+        })?;
         let pgid = child
             .id()
             .and_then(|id| i32::try_from(id).ok())

@@ -142,7 +142,21 @@ pub enum JobError {
 impl JobError {
     /// Whether trying again cannot help.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, JobError::Permanent(_))
+        match self {
+            JobError::Permanent(_) => true,
+            JobError::Store(e) => e.is_permanent(),
+            _ => false,
+        }
+    }
+
+    /// `Permanent` when `e` says trying again cannot help, else `Failed`; the message
+    /// either way.
+    pub fn from_store(e: &StoreError, message: String) -> Self {
+        if e.is_permanent() {
+            JobError::Permanent(message)
+        } else {
+            JobError::Failed(message)
+        }
     }
 
     /// The pause the job asked for before the next attempt, if any.

@@ -112,10 +112,11 @@ impl Job for Retention {
                     .delete_batch_older_than(&target.table, &target.column, cutoff, batch)
                     .await
                     .map_err(|e| {
-                        JobError::Failed(format!(
+                        let message = format!(
                             "deleting from {} where {} < {cutoff}: {e}",
                             target.table, target.column
-                        ))
+                        );
+                        JobError::from_store(&e, message)
                     })?;
                 deleted_here += n;
                 if n < batch as u64 {

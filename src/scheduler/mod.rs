@@ -4,7 +4,10 @@
 //! overlap policy, per-attempt timeouts, retries with backoff, catch-up at start-up,
 //! panic isolation and the `job_runs` ledger. It never knows what a job does.
 
+pub mod backend;
+pub mod clock;
 pub mod ledger;
+pub mod memory;
 mod run;
 mod timer;
 
@@ -24,8 +27,11 @@ use crate::config::{CatchUp, JobSpec, Overlap, Scope};
 use crate::jobs::Job;
 use crate::store::{RunRecord, RunStatus, Trigger};
 use crate::telemetry::metrics::Metrics;
-pub use ledger::Ledger;
-use timer::{Tick, Timer};
+pub use backend::{Backend, HeldLock};
+pub use clock::{Clock, SystemClock, TokioClock};
+pub use ledger::{Ledger, LedgerError};
+pub use memory::MemoryBackend;
+use timer::{CronTimer, Tick, Timer, TokioTimer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
@@ -195,9 +201,10 @@ impl Slot {
 
 struct Inner {
     host: String,
-    ledger: Ledger,
+    backend: Arc<dyn Backend>,
+    clock: Arc<dyn Clock>,
     metrics: Metrics,
-    timer: Timer,
+    timer: Box<dyn Timer>,
     slots: RwLock<BTreeMap<String, Arc<Slot>>>,
     tracker: TaskTracker,
     stopping: CancellationToken,
@@ -217,18 +224,57 @@ impl Scheduler {
         Self::with_metrics(ledger, host, Metrics::default()).await
     }
 
-    /// A scheduler that records run counts, durations and lag in `metrics`.
+    /// A scheduler that records run counts, durations and lag in `metrics`: the
+    /// PostgreSQL ledger, the system clock, tokio-cron-scheduler's timer.
     pub async fn with_metrics(
         ledger: Ledger,
         host: impl Into<String>,
         metrics: Metrics,
     ) -> Result<Self, SchedulerError> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let timer = Timer::new(tx).await?;
-        Ok(Self {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let timer = CronTimer::new(tx, clock.clone()).await?;
+        Ok(Self::assemble(
+            host.into(),
+            Arc::new(ledger),
+            clock,
+            Box::new(timer),
+            rx,
+            metrics,
+        ))
+    }
+
+    /// A scheduler on storage in memory and tokio's clock: governance without a
+    /// database or the wall clock (under `tokio::time::pause`, runs take no real time).
+    pub fn in_memory(host: impl Into<String>) -> (Self, Arc<MemoryBackend>) {
+        let backend = Arc::new(MemoryBackend::new());
+        let clock: Arc<dyn Clock> = Arc::new(TokioClock::new());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let timer = TokioTimer::new(tx, clock.clone());
+        let scheduler = Self::assemble(
+            host.into(),
+            backend.clone(),
+            clock,
+            Box::new(timer),
+            rx,
+            Metrics::default(),
+        );
+        (scheduler, backend)
+    }
+
+    fn assemble(
+        host: String,
+        backend: Arc<dyn Backend>,
+        clock: Arc<dyn Clock>,
+        timer: Box<dyn Timer>,
+        rx: mpsc::UnboundedReceiver<Tick>,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
             inner: Arc::new(Inner {
-                host: host.into(),
-                ledger,
+                host,
+                backend,
+                clock,
                 metrics,
                 timer,
                 slots: RwLock::new(BTreeMap::new()),
@@ -238,15 +284,27 @@ impl Scheduler {
                 ticks: Mutex::new(Some(rx)),
                 started: AtomicBool::new(false),
             }),
-        })
+        }
     }
 
     pub fn host(&self) -> &str {
         &self.inner.host
     }
 
-    pub fn ledger(&self) -> &Ledger {
-        &self.inner.ledger
+    /// Waits until the ledger rows recorded so far are stored, at most `wait`.
+    pub async fn flush_ledger(&self, wait: Duration) -> Result<(), LedgerError> {
+        self.inner.backend.flush(wait).await
+    }
+
+    /// Stores the last ledger rows (spooling what PostgreSQL will not take within
+    /// `wait`); for one-shot runs that end without [`Scheduler::shutdown`].
+    pub async fn close_ledger(&self, wait: Duration) -> Result<bool, LedgerError> {
+        self.inner.backend.close(wait).await
+    }
+
+    /// The time as this scheduler sees it.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.inner.clock.now()
     }
 
     /// Registers a job. Once the scheduler is started, an enabled job is armed at once.
@@ -323,7 +381,7 @@ impl Scheduler {
     ) -> Arc<Slot> {
         let slot = Arc::new(Slot {
             generation: self.inner.generation.fetch_add(1, Ordering::Relaxed),
-            applied_at: Utc::now(),
+            applied_at: self.inner.clock.now(),
             spec,
             job,
             state: shared.unwrap_or_default(),
@@ -332,7 +390,7 @@ impl Scheduler {
             .write_slots()
             .insert(slot.spec.name.clone(), slot.clone());
         if self.inner.started.load(Ordering::Acquire) && slot.spec.enabled {
-            self.inner.arm_next(&slot, Utc::now()).await;
+            self.inner.arm_next(&slot, self.inner.clock.now()).await;
         }
         slot
     }
@@ -351,7 +409,7 @@ impl Scheduler {
         let inner = self.inner.clone();
         tokio::spawn(dispatch(inner, ticks));
 
-        let now = Utc::now();
+        let now = self.inner.clock.now();
         for slot in self.inner.slot_list() {
             if !slot.spec.enabled {
                 continue;
@@ -377,7 +435,8 @@ impl Scheduler {
         if !slot.spec.enabled && !force {
             return Err(TriggerError::Disabled(name.to_owned()));
         }
-        self.inner.fire(&slot, Trigger::Manual, Utc::now())
+        self.inner
+            .fire(&slot, Trigger::Manual, self.inner.clock.now())
     }
 
     /// The names of the scheduled jobs, in order.
@@ -444,7 +503,7 @@ impl Scheduler {
         for slot in inner.slot_list() {
             slot.job.shutdown().await;
         }
-        match inner.ledger.close(LEDGER_CLOSE).await {
+        match inner.backend.close(LEDGER_CLOSE).await {
             Ok(all) => report.ledger_flushed = all,
             Err(e) => tracing::error!(error = %e, "run ledger not fully written at shutdown"),
         }
@@ -521,7 +580,7 @@ impl Inner {
     }
 
     async fn catch_up(self: &Arc<Self>, slot: &Arc<Slot>, now: DateTime<Utc>) {
-        let last = match self.ledger.store().last_firing(&slot.spec.name).await {
+        let last = match self.backend.last_firing(&slot.spec.name).await {
             Ok(Some(last)) => last,
             // Never fired: nothing can have been missed.
             Ok(None) => return,
@@ -623,7 +682,7 @@ impl Inner {
         status: RunStatus,
         reason: String,
     ) -> RunRecord {
-        let now = Utc::now();
+        let now = self.clock.now();
         if status == RunStatus::Skipped {
             tracing::info!(job = %slot.spec.name, run_id = %id, %reason, "firing skipped");
         } else {
@@ -645,8 +704,10 @@ impl Inner {
             items: None,
             error: Some(reason),
             host: self.host.clone(),
+            permanent: false,
+            retry_after_ms: None,
         };
-        self.ledger.record(record.clone());
+        self.backend.record(record.clone());
         record
     }
 
@@ -657,8 +718,7 @@ impl Inner {
             return Claim::Won;
         }
         match self
-            .ledger
-            .store()
+            .backend
             .claim_firing(&slot.spec.name, scheduled_at, &self.host)
             .await
         {
@@ -722,10 +782,12 @@ async fn dispatch(inner: Arc<Inner>, mut ticks: mpsc::UnboundedReceiver<Tick>) {
         }
         // Re-arm from the later of the due time and now: after a long stall (suspend,
         // clock jump) the missed firings collapse into this one instead of a burst.
-        inner.arm_next(&slot, tick.due.max(Utc::now())).await;
+        inner.arm_next(&slot, tick.due.max(inner.clock.now())).await;
         let inner2 = inner.clone();
         inner.tracker.spawn(async move {
-            let wait = (tick.due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            let wait = (tick.due - inner2.clock.now())
+                .to_std()
+                .unwrap_or(Duration::ZERO);
             tokio::select! {
                 () = inner2.stopping.cancelled() => return,
                 () = tokio::time::sleep(wait) => {}
@@ -754,7 +816,9 @@ async fn dispatch(inner: Arc<Inner>, mut ticks: mpsc::UnboundedReceiver<Tick>) {
                     return;
                 }
             }
-            let lag = (Utc::now() - tick.due).to_std().unwrap_or(Duration::ZERO);
+            let lag = (inner2.clock.now() - tick.due)
+                .to_std()
+                .unwrap_or(Duration::ZERO);
             inner2.metrics.lag(&slot.spec.name, lag);
             // Other refusals are recorded and logged by `fire`; a shutdown that began
             // after this firing was claimed leaves it unrun, which its row says.

@@ -30,6 +30,23 @@ struct Ended {
     error: Option<String>,
     /// Cancelled from outside: never retried.
     cancelled: bool,
+    /// The job said trying again cannot help: never retried.
+    permanent: bool,
+    /// The pause the job asked for before the next attempt.
+    retry_after: Option<Duration>,
+}
+
+impl Ended {
+    fn new(status: RunStatus, error: Option<String>) -> Self {
+        Self {
+            status,
+            items: None,
+            error,
+            cancelled: false,
+            permanent: false,
+            retry_after: None,
+        }
+    }
 }
 
 pub(super) async fn govern(
@@ -40,7 +57,7 @@ pub(super) async fn govern(
     done: watch::Sender<Option<RunResult>>,
 ) {
     let spec = &slot.spec;
-    let first_started = Utc::now();
+    let first_started = inner.clock.now();
     // A cluster-scoped job runs on one replica at a time: hold its lock for the whole
     // run (all attempts). `allow` opts out; `replace` cannot cancel another replica's
     // run, so it waits its turn like `forbid`.
@@ -108,14 +125,16 @@ pub(super) async fn govern(
             attempt,
             retry_of: (attempt > 1).then_some(firing.id),
             scheduled_at: firing.scheduled_at,
-            started_at: Utc::now(),
+            started_at: inner.clock.now(),
             finished_at: None,
             status: RunStatus::Running,
             items: None,
             error: None,
             host: inner.host.clone(),
+            permanent: false,
+            retry_after_ms: None,
         };
-        inner.ledger.record(record.clone());
+        inner.backend.record(record.clone());
 
         let span = tracing::info_span!(
             "run",
@@ -125,11 +144,15 @@ pub(super) async fn govern(
             trigger = %record.trigger,
         );
         let ended = attempt_once(&slot, id, &active, span.clone()).await;
-        record.finished_at = Some(Utc::now());
+        record.finished_at = Some(inner.clock.now());
         record.status = ended.status;
         record.items = ended.items;
         record.error = ended.error.clone();
-        inner.ledger.record(record.clone());
+        record.permanent = ended.permanent;
+        record.retry_after_ms = ended
+            .retry_after
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        inner.backend.record(record.clone());
         let duration = (record.finished_at.unwrap_or(record.started_at) - record.started_at)
             .to_std()
             .unwrap_or_default();
@@ -148,9 +171,15 @@ pub(super) async fn govern(
 
         let retryable = matches!(ended.status, RunStatus::Failed | RunStatus::TimedOut)
             && !ended.cancelled
+            && !ended.permanent
             && attempt < spec.retries.max_attempts;
+        if ended.permanent && attempt < spec.retries.max_attempts {
+            span.in_scope(|| tracing::info!("permanent failure: not retried"));
+        }
         if retryable {
-            let pause = spec.retries.backoff_before(attempt + 1);
+            let pause = ended
+                .retry_after
+                .unwrap_or_else(|| spec.retries.backoff_before(attempt + 1));
             span.in_scope(|| tracing::info!(next_attempt = attempt + 1, ?pause, "will retry"));
             let keep_going = tokio::select! {
                 () = tokio::time::sleep(pause) => true,
@@ -172,7 +201,7 @@ pub(super) async fn govern(
             items: ended.items,
             error: ended.error,
             started_at: first_started,
-            finished_at: record.finished_at.unwrap_or_else(Utc::now),
+            finished_at: record.finished_at.unwrap_or_else(|| inner.clock.now()),
         };
     };
     if let Some(lock) = cluster_lock {
@@ -187,8 +216,7 @@ pub(super) async fn govern(
 async fn acquire_cluster_lock(
     inner: &Inner,
     spec: &crate::config::JobSpec,
-) -> Result<Option<crate::store::sync::JobLock>, crate::store::StoreError> {
-    let store = inner.ledger.store();
+) -> Result<Option<Box<dyn super::HeldLock>>, crate::store::StoreError> {
     let patience = if spec.overlap == Overlap::Replace {
         ABORT_WAIT + Duration::from_secs(1)
     } else {
@@ -196,7 +224,7 @@ async fn acquire_cluster_lock(
     };
     let deadline = tokio::time::Instant::now() + patience;
     loop {
-        if let Some(lock) = store.try_cluster_lock(&spec.name).await? {
+        if let Some(lock) = inner.backend.try_cluster_lock(&spec.name).await? {
             return Ok(Some(lock));
         }
         if tokio::time::Instant::now() >= deadline {
@@ -237,53 +265,45 @@ async fn attempt_once(slot: &Slot, id: Uuid, active: &Active, span: tracing::Spa
 
     match stop {
         Stop::Joined(Ok(Ok(RunOutcome::Completed { items }))) => Ended {
-            status: RunStatus::Succeeded,
             items: items.map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
-            error: None,
-            cancelled: false,
+            ..Ended::new(RunStatus::Succeeded, None)
         },
-        Stop::Joined(Ok(Ok(RunOutcome::Skipped { reason }))) => Ended {
-            status: RunStatus::Skipped,
-            items: None,
-            error: Some(reason),
-            cancelled: false,
-        },
+        Stop::Joined(Ok(Ok(RunOutcome::Skipped { reason }))) => {
+            Ended::new(RunStatus::Skipped, Some(reason))
+        }
         Stop::Joined(Ok(Err(e))) => Ended {
-            status: RunStatus::Failed,
-            items: None,
-            error: Some(e.to_string()),
-            cancelled: false,
+            permanent: e.is_permanent(),
+            retry_after: e.retry_after(),
+            ..Ended::new(RunStatus::Failed, Some(e.to_string()))
         },
-        Stop::Joined(Err(join)) => Ended {
-            status: RunStatus::Failed,
-            items: None,
-            error: Some(match join.try_into_panic() {
+        Stop::Joined(Err(join)) => Ended::new(
+            RunStatus::Failed,
+            Some(match join.try_into_panic() {
                 Ok(payload) => format!("panicked: {}", panic_message(payload.as_ref())),
                 Err(_) => "the run's task was cancelled".to_owned(),
             }),
-            cancelled: false,
-        },
-        Stop::TimedOut => Ended {
-            status: RunStatus::TimedOut,
-            items: None,
-            error: Some(format!(
+        ),
+        Stop::TimedOut => Ended::new(
+            RunStatus::TimedOut,
+            Some(format!(
                 "timed out after {}",
                 humantime::format_duration(timeout)
             )),
-            cancelled: false,
-        },
+        ),
         Stop::Cancelled => match active.reason.get().copied() {
             Some(CancelReason::Replaced { by }) => Ended {
-                status: RunStatus::Failed,
-                items: None,
-                error: Some(format!("cancelled: replaced by run {by}")),
                 cancelled: true,
+                ..Ended::new(
+                    RunStatus::Failed,
+                    Some(format!("cancelled: replaced by run {by}")),
+                )
             },
             Some(CancelReason::Shutdown) | None => Ended {
-                status: RunStatus::Abandoned,
-                items: None,
-                error: Some("vigil shut down before the run finished".to_owned()),
                 cancelled: true,
+                ..Ended::new(
+                    RunStatus::Abandoned,
+                    Some("vigil shut down before the run finished".to_owned()),
+                )
             },
         },
     }

@@ -1,4 +1,5 @@
-//! The clock: tokio-cron-scheduler, used as a one-shot timer service.
+//! The timer: tokio-cron-scheduler, used as a one-shot timer service (and, for tests on
+//! paused time, a stand-in on tokio's own clock).
 //!
 //! vigil computes each job's next firing itself (see `config::Schedule`) and arms a
 //! one-shot job in tokio-cron-scheduler for it. The crate's own cron jobs are not used
@@ -11,12 +12,15 @@
 //!   only sends an event on a channel; re-arming happens in the dispatcher task;
 //! - it needs a multi-threaded tokio runtime, which `main` and the tests use.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 use uuid::Uuid;
+
+use super::clock::Clock;
 
 /// How far ahead of a firing the crate's one-shot is armed.
 pub const LEAD: Duration = Duration::from_millis(1500);
@@ -27,28 +31,52 @@ pub struct Tick {
     pub job: String,
     /// Guards against ticks armed for a job definition that has since changed.
     pub generation: u64,
-    pub due: DateTime<Utc>,
+    pub due: chrono::DateTime<chrono::Utc>,
 }
 
+/// Announces each armed firing (shortly before it is due) on the dispatcher's channel.
+#[async_trait::async_trait]
+pub trait Timer: Send + Sync + 'static {
+    async fn start(&self) -> Result<(), JobSchedulerError>;
+    /// Arms a one-shot that sends `tick` up to [`LEAD`] before `tick.due`.
+    async fn arm(&self, tick: Tick) -> Result<Uuid, JobSchedulerError>;
+    /// Cancels an armed one-shot (a job removed or rescheduled).
+    async fn disarm(&self, id: Uuid);
+    async fn shutdown(&self);
+}
+
+/// tokio-cron-scheduler's one-shots: the production timer.
 #[derive(Clone)]
-pub struct Timer {
+pub struct CronTimer {
     sched: JobScheduler,
     ticks: UnboundedSender<Tick>,
+    clock: Arc<dyn Clock>,
 }
 
-impl Timer {
-    pub async fn new(ticks: UnboundedSender<Tick>) -> Result<Self, JobSchedulerError> {
+impl CronTimer {
+    pub async fn new(
+        ticks: UnboundedSender<Tick>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, JobSchedulerError> {
         let sched = JobScheduler::new().await?;
-        Ok(Self { sched, ticks })
+        Ok(Self {
+            sched,
+            ticks,
+            clock,
+        })
     }
+}
 
-    pub async fn start(&self) -> Result<(), JobSchedulerError> {
+#[async_trait::async_trait]
+impl Timer for CronTimer {
+    async fn start(&self) -> Result<(), JobSchedulerError> {
         self.sched.start().await
     }
 
-    /// Arms a one-shot that sends `tick` shortly before `tick.due`.
-    pub async fn arm(&self, tick: Tick) -> Result<Uuid, JobSchedulerError> {
-        let until_due = (tick.due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+    async fn arm(&self, tick: Tick) -> Result<Uuid, JobSchedulerError> {
+        let until_due = (tick.due - self.clock.now())
+            .to_std()
+            .unwrap_or(Duration::ZERO);
         let at = std::time::Instant::now() + until_due.saturating_sub(LEAD);
         let tx = self.ticks.clone();
         let job = Job::new_one_shot_at_instant_async(at, move |_id, _sched| {
@@ -62,17 +90,74 @@ impl Timer {
         self.sched.add(job).await
     }
 
-    /// Cancels an armed one-shot (a job removed or rescheduled).
-    pub async fn disarm(&self, id: Uuid) {
+    async fn disarm(&self, id: Uuid) {
         if let Err(e) = self.sched.remove(&id).await {
             tracing::debug!(error = %e, "timer already fired or gone");
         }
     }
 
-    pub async fn shutdown(&self) {
+    async fn shutdown(&self) {
         let mut sched = self.sched.clone();
         if let Err(e) = sched.shutdown().await {
             tracing::warn!(error = %e, "stopping the timer");
+        }
+        // The crate's tasks log an error when its channels close, which they do when
+        // the last handle goes; they have no other way to stop. Keep one handle for
+        // the life of the process (a few KB), so they end with the runtime, quietly.
+        std::mem::forget(sched);
+    }
+}
+
+/// Sleeping tasks on tokio's clock: a timer that follows paused time, for tests.
+pub struct TokioTimer {
+    ticks: UnboundedSender<Tick>,
+    clock: Arc<dyn Clock>,
+    armed: Mutex<HashMap<Uuid, tokio::task::AbortHandle>>,
+}
+
+impl TokioTimer {
+    pub fn new(ticks: UnboundedSender<Tick>, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            ticks,
+            clock,
+            armed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn armed(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, tokio::task::AbortHandle>> {
+        self.armed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait::async_trait]
+impl Timer for TokioTimer {
+    async fn start(&self) -> Result<(), JobSchedulerError> {
+        Ok(())
+    }
+
+    async fn arm(&self, tick: Tick) -> Result<Uuid, JobSchedulerError> {
+        let until_due = (tick.due - self.clock.now())
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        let tx = self.ticks.clone();
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(until_due.saturating_sub(LEAD)).await;
+            let _ = tx.send(tick);
+        });
+        let id = Uuid::new_v4();
+        self.armed().insert(id, task.abort_handle());
+        Ok(id)
+    }
+
+    async fn disarm(&self, id: Uuid) {
+        if let Some(task) = self.armed().remove(&id) {
+            task.abort();
+        }
+    }
+
+    async fn shutdown(&self) {
+        for (_, task) in self.armed().drain() {
+            task.abort();
         }
     }
 }

@@ -38,6 +38,20 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Trying the same statement again cannot help: a table, column or schema that is
+    /// not there, a missing privilege, a refused login, a database that does not exist.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            StoreError::Query(sqlx::Error::Database(db)) => db.code().is_some_and(|c| {
+                ["42", "28", "3D", "3F"]
+                    .iter()
+                    .any(|class| c.starts_with(class))
+            }),
+            StoreError::BadUrl(_) => true,
+            _ => false,
+        }
+    }
+
     /// PostgreSQL refused the data itself (a value it cannot hold, a constraint, a
     /// size or nesting limit): the same rows will fail again, other rows may not.
     pub fn is_data_rejection(&self) -> bool {

@@ -125,10 +125,16 @@ pub struct RunRecord {
     pub items: Option<i64>,
     pub error: Option<String>,
     pub host: String,
+    /// The job said trying again cannot help: not retried.
+    #[serde(default)]
+    pub permanent: bool,
+    /// The pause the job asked for before its next attempt.
+    #[serde(default)]
+    pub retry_after_ms: Option<i64>,
 }
 
 const COLUMNS: &str = "id, job, kind, trigger, attempt, retry_of, scheduled_at, started_at, \
-                       finished_at, status, items, error, host";
+                       finished_at, status, items, error, host, permanent, retry_after_ms";
 
 fn from_row(row: &sqlx::postgres::PgRow) -> Result<RunRecord, StoreError> {
     let bad = |e: String| StoreError::Query(sqlx::Error::Decode(e.into()));
@@ -146,6 +152,8 @@ fn from_row(row: &sqlx::postgres::PgRow) -> Result<RunRecord, StoreError> {
         items: row.try_get("items")?,
         error: row.try_get("error")?,
         host: row.try_get("host")?,
+        permanent: row.try_get("permanent")?,
+        retry_after_ms: row.try_get("retry_after_ms")?,
     })
 }
 
@@ -179,6 +187,8 @@ impl Store {
         let mut items = Vec::with_capacity(runs.len());
         let mut errors = Vec::with_capacity(runs.len());
         let mut hosts = Vec::with_capacity(runs.len());
+        let mut permanents = Vec::with_capacity(runs.len());
+        let mut retry_afters = Vec::with_capacity(runs.len());
         for r in runs {
             ids.push(r.id);
             jobs.push(r.job.as_str());
@@ -193,19 +203,24 @@ impl Store {
             items.push(r.items);
             errors.push(r.error.as_deref());
             hosts.push(r.host.as_str());
+            permanents.push(r.permanent);
+            retry_afters.push(r.retry_after_ms);
         }
         let write = sqlx::query(
             "INSERT INTO job_runs (id, job, kind, trigger, attempt, retry_of, scheduled_at, \
-                                   started_at, finished_at, status, items, error, host)
+                                   started_at, finished_at, status, items, error, host, \
+                                   permanent, retry_after_ms)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], \
                                   $6::uuid[], $7::timestamptz[], $8::timestamptz[], \
                                   $9::timestamptz[], $10::text[], $11::bigint[], $12::text[], \
-                                  $13::text[])
+                                  $13::text[], $14::bool[], $15::bigint[])
              ON CONFLICT (id) DO UPDATE SET
                  finished_at = EXCLUDED.finished_at,
                  status = EXCLUDED.status,
                  items = EXCLUDED.items,
-                 error = EXCLUDED.error
+                 error = EXCLUDED.error,
+                 permanent = EXCLUDED.permanent,
+                 retry_after_ms = EXCLUDED.retry_after_ms
              WHERE job_runs.status = 'running'",
         )
         .bind(&ids)
@@ -221,6 +236,8 @@ impl Store {
         .bind(&items)
         .bind(&errors)
         .bind(&hosts)
+        .bind(&permanents)
+        .bind(&retry_afters)
         .execute(&self.pool);
         self.bounded(async { Ok(write.await?) }).await?;
         Ok(())

@@ -14,6 +14,7 @@ pub mod transform;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use mongodb::bson::{Bson, RawBsonRef, RawDocument, RawDocumentBuf, doc};
@@ -185,6 +186,10 @@ pub struct MongoSync {
     store: Store,
     client: OnceCell<mongodb::Client>,
     fault: Mutex<Option<Fault>>,
+    /// Neither the job nor `MONGO_URI` named a server: [`DEFAULT_URI`] is a guess.
+    uri_is_default: bool,
+    /// Whether "waiting for MongoDB" was logged already.
+    said_waiting: AtomicBool,
 }
 
 /// How long MongoDB may take to answer before the run fails with "unreachable".
@@ -197,19 +202,20 @@ impl MongoSync {
         default_uri: Option<&Secret>,
         store: Store,
     ) -> Self {
-        let uri = config
+        let configured = config
             .uri
             .as_ref()
             .map(|u| u.get_ref().clone())
-            .or_else(|| default_uri.cloned())
-            .unwrap_or_else(|| Secret::new(DEFAULT_URI));
+            .or_else(|| default_uri.cloned());
         Self {
             name: name.to_owned(),
             config,
-            uri,
+            uri_is_default: configured.is_none(),
+            uri: configured.unwrap_or_else(|| Secret::new(DEFAULT_URI)),
             store,
             client: OnceCell::new(),
             fault: Mutex::new(None),
+            said_waiting: AtomicBool::new(false),
         }
     }
 
@@ -230,8 +236,16 @@ impl MongoSync {
     async fn client(&self) -> Result<&mongodb::Client, JobError> {
         self.client
             .get_or_try_init(|| async {
+                // An invalid URI stays invalid: not worth a retry. (A host that
+                // does not resolve is the network's doing, and is retried.)
                 let mut options = ClientOptions::parse(self.uri.expose()).await.map_err(|e| {
-                    JobError::Failed(format!("MongoDB URI {}: {e}", self.shown_uri()))
+                    let message = format!("MongoDB URI {}: {e}", self.shown_uri());
+                    match e.kind.as_ref() {
+                        mongodb::error::ErrorKind::InvalidArgument { .. } => {
+                            JobError::Permanent(message)
+                        }
+                        _ => JobError::Failed(message),
+                    }
                 })?;
                 options.server_selection_timeout = Some(SERVER_SELECTION_TIMEOUT);
                 options.connect_timeout = Some(SERVER_SELECTION_TIMEOUT);
@@ -249,6 +263,28 @@ impl MongoSync {
             self.config.database.get_ref(),
             self.config.collection.get_ref()
         ))
+    }
+
+    /// Nobody said where MongoDB is and it is not at the default address: a fresh
+    /// install without MongoDB. The run waits (recorded `skipped`, not failed and
+    /// retried), and the log says so once, with what to set.
+    fn waiting_for_mongodb(&self, e: &mongodb::error::Error) -> Option<RunOutcome> {
+        if !self.uri_is_default
+            || !matches!(
+                e.kind.as_ref(),
+                mongodb::error::ErrorKind::ServerSelection { .. }
+            )
+        {
+            return None;
+        }
+        let reason = format!(
+            "waiting for MongoDB: none answers at {DEFAULT_URI} and MONGO_URI is not set; \
+             set MONGO_URI (or the job's `uri`) to where it runs"
+        );
+        if !self.said_waiting.swap(true, Ordering::Relaxed) {
+            tracing::warn!(job = %self.name, "{reason}");
+        }
+        Some(RunOutcome::Skipped { reason })
     }
 
     async fn sync(&self, ctx: &RunContext) -> Result<RunOutcome, JobError> {
@@ -276,13 +312,21 @@ impl MongoSync {
                 break;
             }
             let started = Instant::now();
-            let mut cursor = collection
+            let found = collection
                 .find(doc! { c.status_field.as_str(): c.pending.as_str() })
                 .sort(doc! { "_id": 1 })
                 .limit(i64::from(batch))
                 .batch_size(batch)
-                .await
-                .map_err(|e| self.mongo_error("reading pending documents", e))?;
+                .await;
+            let mut cursor = match found {
+                Ok(cursor) => cursor,
+                Err(e) => {
+                    if let Some(waiting) = self.waiting_for_mongodb(&e) {
+                        return Ok(waiting);
+                    }
+                    return Err(self.mongo_error("reading pending documents", e));
+                }
+            };
             let mut docs = Vec::new();
             while cursor
                 .advance()
@@ -297,7 +341,8 @@ impl MongoSync {
             }
             let first = docs[0].id();
             if first.is_some() && first == previous_first {
-                return Err(JobError::Failed(format!(
+                // The configuration is wrong; the next attempt would find the same.
+                return Err(JobError::Permanent(format!(
                     "document {} is still {:?} after being marked; is `{}` the status field?",
                     first.map(|b| b.to_string()).unwrap_or_default(),
                     c.pending,
@@ -448,7 +493,12 @@ impl MongoSync {
                         pending.push(range.start..mid);
                     }
                 }
-                Err(e) => return Err(JobError::Failed(format!("loading into {table}: {e}"))),
+                Err(e) => {
+                    return Err(JobError::from_store(
+                        &e,
+                        format!("loading into {table}: {e}"),
+                    ));
+                }
             }
         }
         for (i, reason) in refused {

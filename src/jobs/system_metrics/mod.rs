@@ -535,14 +535,23 @@ async fn write_loop(store: Store, host: String, queue: Arc<SampleQueue>) {
                     for chunk in items.chunks(WRITE_BATCH) {
                         let rows: Vec<(DateTime<Utc>, &str)> =
                             chunk.iter().map(|s| (s.ts, s.metrics.get())).collect();
-                        if let Err(e) = write(&store, &host, &rows, &queue.closing).await {
-                            tracing::warn!(error = %e, retry_in = ?delay, "cannot write spooled samples; they stay on disk");
-                            written = false;
-                            break;
+                        match write(&store, &host, &rows, &queue.closing).await {
+                            Ok(true) => {
+                                queue
+                                    .written
+                                    .fetch_add(rows.len() as u64, Ordering::Relaxed);
+                            }
+                            // Shutdown began: the segment stays for the next start.
+                            Ok(false) => {
+                                written = false;
+                                break;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, retry_in = ?delay, "cannot write spooled samples; they stay on disk");
+                                written = false;
+                                break;
+                            }
                         }
-                        queue
-                            .written
-                            .fetch_add(rows.len() as u64, Ordering::Relaxed);
                     }
                     if written {
                         if let Err(e) = spool.remove(segment) {
@@ -569,10 +578,12 @@ async fn write_loop(store: Store, host: String, queue: Arc<SampleQueue>) {
         let rows: Vec<(DateTime<Utc>, &str)> =
             batch.iter().map(|p| (p.ts, p.metrics.as_str())).collect();
         match write(&store, &host, &rows, &queue.closing).await {
-            Ok(()) => {
+            Ok(true) => {
                 remove_written(&queue, &batch);
                 delay = Duration::from_millis(100);
             }
+            // Shutdown began mid-write: `finish` makes the last attempts.
+            Ok(false) => {}
             Err(e) => {
                 tracing::warn!(error = %e, queued = queue.len(), retry_in = ?delay, "cannot write samples; they stay queued");
                 pause(&queue, &mut delay).await;
@@ -581,16 +592,16 @@ async fn write_loop(store: Store, host: String, queue: Arc<SampleQueue>) {
     }
 }
 
-/// One write, given up when shutdown begins.
+/// One write, given up when shutdown begins (`Ok(false)`: then [`finish`] takes over).
 async fn write(
     store: &Store,
     host: &str,
     rows: &[(DateTime<Utc>, &str)],
     closing: &CancellationToken,
-) -> Result<(), String> {
+) -> Result<bool, crate::store::StoreError> {
     tokio::select! {
-        r = store.insert_samples(host, rows) => r.map_err(|e| e.to_string()),
-        () = closing.cancelled() => Err("shutting down".into()),
+        r = store.insert_samples(host, rows) => r.map(|()| true),
+        () = closing.cancelled() => Ok(false),
     }
 }
 
