@@ -144,6 +144,7 @@ async fn main() {
     let outcome = job
         .run(RunContext {
             job: "reading-sync".into(),
+            trigger: vigil::store::Trigger::Manual,
             run_id: uuid::Uuid::now_v7(),
             deadline: tokio::time::Instant::now() + Duration::from_secs(1800),
         })

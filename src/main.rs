@@ -47,7 +47,7 @@ fn main() -> ExitCode {
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vigil: {e:#}");
+            eprintln!("vigil: {}", config::redact(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
@@ -89,6 +89,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 
     match command {
         Command::Check => {
+            for w in &config.file.warnings {
+                eprintln!("warning: {w}");
+            }
             print!("{}", app::jobs_table(&config.file.jobs, chrono::Utc::now()));
             println!(
                 "{}: {} job{} OK",
@@ -167,7 +170,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Prints every configuration problem, then how many: the exit code says the rest.
 fn report(diags: &config::Diagnostics) -> ExitCode {
-    eprintln!("{diags}");
+    eprintln!("{}", config::redact(&diags.to_string()));
     eprintln!(
         "vigil: {} problem{} in the configuration",
         diags.0.len(),

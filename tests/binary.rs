@@ -571,3 +571,82 @@ async fn trigger_ends_quietly_and_writes_what_its_job_queued() {
         .unwrap();
     assert_eq!(samples, 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_public_bind_without_a_token_is_refused_unless_explicitly_allowed() {
+    let db = TestDb::new().await;
+    let dir = tempdir();
+    write(dir.path(), "jobs.toml", "");
+    let base = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("PORT", "0"),
+        ("VIGIL_BIND", "0.0.0.0"),
+    ];
+
+    // Refused at once, saying how to set a token; `check` says the same.
+    for command in ["run", "check"] {
+        let out = vigil(dir.path(), &[command], &base).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{command}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(
+                "environment variable VIGIL_BIND: bind: 0.0.0.0 lets other machines reach the API"
+            ) && stderr.contains("VIGIL_API_TOKEN=$(openssl rand -hex 32)")
+                && stderr.contains("VIGIL_ALLOW_NO_TOKEN=true"),
+            "{command}: {stderr}"
+        );
+    }
+
+    // With a token it starts.
+    let mut env = base.to_vec();
+    env.push(("VIGIL_API_TOKEN", "0123456789abcdef"));
+    let mut child = Running(
+        vigil(dir.path(), &["run"], &env)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = collect_lines(child.0.stdout.take().unwrap());
+    eventually(Duration::from_secs(20), "vigil started", || async {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("vigil started"))
+            .then_some(())
+    })
+    .await;
+    child.signal(Signal::SIGTERM);
+    child.wait_exit(Duration::from_secs(20)).expect("exits");
+
+    // Allowed without one on purpose: it starts, and says so at every start.
+    let mut env = base.to_vec();
+    env.push(("VIGIL_ALLOW_NO_TOKEN", "true"));
+    for _ in 0..2 {
+        let mut child = Running(
+            vigil(dir.path(), &["run"], &env)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let lines = collect_lines(child.0.stdout.take().unwrap());
+        eventually(Duration::from_secs(20), "vigil started", || async {
+            lines
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("vigil started"))
+                .then_some(())
+        })
+        .await;
+        let warned =
+            lines.lock().unwrap().iter().any(|l| {
+                l.contains("\"level\":\"warn\"") && l.contains("VIGIL_ALLOW_NO_TOKEN=true")
+            });
+        assert!(warned, "{:#?}", lines.lock().unwrap());
+        child.signal(Signal::SIGTERM);
+        child.wait_exit(Duration::from_secs(20)).expect("exits");
+    }
+}

@@ -196,3 +196,123 @@ async fn a_child_left_in_the_background_is_killed_and_reaped_when_the_program_ex
     );
     drop(vigil);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_program_sees_none_of_vigils_secrets_unless_its_job_inherits_the_environment() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "jobs.toml",
+        "[[jobs]]\nname = \"plain\"\nkind = \"command\"\nevery = \"1h\"\n\
+         [jobs.settings]\ncommand = [\"env\"]\nenv = { MINE = \"yes\" }\n\n\
+         [[jobs]]\nname = \"inherits\"\nkind = \"command\"\nevery = \"1h\"\n\
+         [jobs.settings]\ncommand = [\"env\"]\ninherit_env = true\n",
+    );
+    let port = free_port().to_string();
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("PORT", port.as_str()),
+        ("VIGIL_WATCH_CONFIG", "false"),
+        ("VIGIL_API_TOKEN", "tok-0123456789"),
+        ("MONGO_URI", "mongodb://app:mongo-pw-123@127.0.0.1:1/"),
+        ("LANG", "C.UTF-8"),
+    ];
+    // `check` warns about the job that inherits, where it says so.
+    let out = vigil(dir.path(), &["check"], &env).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: jobs.toml:15:15: job \"inherits\" settings: inherit_env = true gives the program vigil's whole environment"),
+        "{stderr}"
+    );
+    let log = dir.path().join("vigil.log");
+    let child = Running(
+        vigil(dir.path(), &["run"], &env)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let port: u16 = port.parse().unwrap();
+    common::eventually(Duration::from_secs(20), "the gateway", || async move {
+        common::http()
+            .get(format!("http://127.0.0.1:{port}/healthz"))
+            .send()
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let auth = |job: &str| {
+        common::http()
+            .post(format!(
+                "http://127.0.0.1:{port}/api/jobs/{job}/runs?wait=true"
+            ))
+            .bearer_auth("tok-0123456789")
+            .send()
+    };
+    let plain: Value = auth("plain").await.unwrap().json().await.unwrap();
+    let inherits: Value = auth("inherits").await.unwrap().json().await.unwrap();
+    assert_eq!(plain["status"], "succeeded", "{plain}");
+    assert_eq!(inherits["status"], "succeeded", "{inherits}");
+    drop(child);
+
+    // What each program printed, by run.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let printed = |run: &Value| -> Vec<String> {
+        let id = run["run_id"].as_str().unwrap().to_owned();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["run_id"] == id.as_str() && v["stream"] == "stdout")
+            .filter_map(|v| v["message"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let names = |lines: &[String]| -> Vec<String> {
+        lines
+            .iter()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k.to_owned()))
+            .collect()
+    };
+    let plain_vars = names(&printed(&plain));
+    for secret in [
+        "DATABASE_URL",
+        "VIGIL_API_TOKEN",
+        "MONGO_URI",
+        "VIGIL_WATCH_CONFIG",
+    ] {
+        assert!(
+            !plain_vars.contains(&secret.to_owned()),
+            "{secret} in {plain_vars:?}"
+        );
+    }
+    for expected in [
+        "PATH",
+        "LANG",
+        "MINE",
+        "VIGIL_RUN_ID",
+        "VIGIL_JOB",
+        "VIGIL_TRIGGER",
+    ] {
+        assert!(
+            plain_vars.contains(&expected.to_owned()),
+            "{expected} not in {plain_vars:?}"
+        );
+    }
+    let lines = printed(&plain);
+    assert!(lines.contains(&"VIGIL_JOB=plain".to_owned()));
+    assert!(lines.contains(&"VIGIL_TRIGGER=manual".to_owned()));
+    assert!(lines.contains(&format!(
+        "VIGIL_RUN_ID={}",
+        plain["run_id"].as_str().unwrap()
+    )));
+    // Asked for: it gets them (their values still hidden in vigil's own log).
+    let inherited = names(&printed(&inherits));
+    for secret in ["DATABASE_URL", "VIGIL_API_TOKEN", "MONGO_URI"] {
+        assert!(
+            inherited.contains(&secret.to_owned()),
+            "{secret} not in {inherited:?}"
+        );
+    }
+    assert!(!text.contains("mongo-pw-123") && !text.contains("tok-0123456789"));
+}

@@ -165,8 +165,7 @@ async fn readiness_names_what_is_wrong() {
         scheduler,
         store: vigil::store::Store::from_pool(nowhere),
         metrics: Default::default(),
-        api_token: None,
-        reads_open: true,
+        guard: gateway::Guard::open(),
         reading_sync_job: "reading-sync".into(),
         reload: None,
     };
@@ -478,53 +477,296 @@ async fn sync_reading_runs_the_reading_sync_job_and_waits_for_it() {
     t.stop().await;
 }
 
+/// The status of `GET path` with `authorization` (or none).
+async fn status_with(t: &TestApp, path: &str, authorization: Option<&str>) -> StatusCode {
+    let mut r = t.http.get(t.url(path));
+    if let Some(a) = authorization {
+        r = r.header("authorization", a);
+    }
+    r.send().await.unwrap().status()
+}
+
+// Issue 14 changed what a token closes: everything but `/`, `/healthz` and
+// `/readyz` (reads and the API description were open before).
 #[tokio::test(flavor = "multi_thread")]
-async fn a_token_guards_work_and_optionally_reads() {
-    let t = TestApp::spawn(&[("VIGIL_API_TOKEN", "s3cret")]).await;
+async fn a_token_closes_every_route_but_the_welcome_and_the_probes() {
+    let t = TestApp::spawn(&[("VIGIL_API_TOKEN", "s3cret-token")]).await;
     let r = t.post("/api/jobs/quick/runs").await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
     assert_error(&r.json().await.unwrap(), "unauthorized", "Bearer");
+    for path in [
+        "/api/jobs",
+        "/api/jobs/quick/runs",
+        "/api/reading",
+        "/metrics",
+        "/api/openapi.json",
+        "/api/sync/reading",
+    ] {
+        assert_eq!(
+            status_with(&t, path, None).await,
+            StatusCode::UNAUTHORIZED,
+            "{path}"
+        );
+        assert_eq!(
+            status_with(&t, path, Some("Bearer wrong")).await,
+            StatusCode::UNAUTHORIZED,
+            "{path}"
+        );
+        assert_eq!(
+            status_with(&t, path, Some("Basic s3cret-token")).await,
+            StatusCode::UNAUTHORIZED,
+            "{path}"
+        );
+    }
+    for path in ["/", "/healthz", "/readyz"] {
+        assert_eq!(status_with(&t, path, None).await, StatusCode::OK, "{path}");
+    }
+    // The scheme's name in any case, as RFC 9110 says.
+    for auth in [
+        "Bearer s3cret-token",
+        "bearer s3cret-token",
+        "BEARER  s3cret-token",
+    ] {
+        assert_eq!(
+            status_with(&t, "/api/jobs", Some(auth)).await,
+            StatusCode::OK,
+            "{auth}"
+        );
+    }
     let r = t
         .http
         .post(t.url("/api/jobs/quick/runs"))
-        .bearer_auth("wrong")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    let r = t
-        .http
-        .post(t.url("/api/jobs/quick/runs"))
-        .bearer_auth("s3cret")
+        .bearer_auth("s3cret-token")
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
-    assert_eq!(t.get("/api/sync/reading").await.0, StatusCode::UNAUTHORIZED);
-    // Reads are open by default.
-    assert_eq!(t.get("/api/jobs").await.0, StatusCode::OK);
     t.stop().await;
 
+    // Opened on purpose: reads, or only the metrics.
     let t = TestApp::spawn(&[
-        ("VIGIL_API_TOKEN", "s3cret"),
-        ("VIGIL_API_READS_OPEN", "false"),
+        ("VIGIL_API_TOKEN", "s3cret-token"),
+        ("VIGIL_API_READS_OPEN", "true"),
     ])
     .await;
-    assert_eq!(t.get("/api/jobs").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(t.get("/api/jobs").await.0, StatusCode::OK);
+    assert_eq!(t.get("/api/openapi.json").await.0, StatusCode::OK);
     assert_eq!(t.get("/metrics").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        t.post("/api/jobs/quick/runs").await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    t.stop().await;
+    let t = TestApp::spawn(&[
+        ("VIGIL_API_TOKEN", "s3cret-token"),
+        ("VIGIL_METRICS_PUBLIC", "true"),
+    ])
+    .await;
+    assert_eq!(t.get("/metrics").await.0, StatusCode::OK);
+    assert_eq!(t.get("/api/jobs").await.0, StatusCode::UNAUTHORIZED);
+    t.stop().await;
+}
+
+/// Sends `request` (raw HTTP/1.1) and returns the status line.
+async fn raw_status(addr: &str, request: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn foreign_origins_cannot_start_work_and_foreign_hosts_are_refused_on_loopback() {
+    let t = TestApp::spawn(&[("VIGIL_ALLOWED_ORIGINS", "https://grafana.example")]).await;
+    let own = t.base.clone();
+    // Waiting for each run's end, so the next is not refused for overlap.
+    let post = |origin: &'static str| {
+        let req = t.http.post(t.url("/api/jobs/quick/runs?wait=true"));
+        async move { req.header("origin", origin).send().await.unwrap() }
+    };
+    // Any page a user opens could send this: refused, and nothing runs.
+    let r = post("http://evil.example").await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert_error(
+        &r.json().await.unwrap(),
+        "forbidden",
+        "VIGIL_ALLOWED_ORIGINS",
+    );
+    assert_eq!(post("null").await.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        post("https://grafana.example").await.status(),
+        StatusCode::OK
+    );
+    let r = t
+        .http
+        .post(t.url("/api/jobs/quick/runs?wait=true"))
+        .header("origin", own.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "the gateway's own pages may");
+    let r = t
+        .http
+        .get(t.url("/api/sync/reading?wait=0"))
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::FORBIDDEN,
+        "a GET that starts a run counts as work"
+    );
+    // Reads from elsewhere change nothing: allowed (the browser keeps them from the page).
     let r = t
         .http
         .get(t.url("/api/jobs"))
-        .bearer_auth("s3cret")
+        .header("origin", "http://evil.example")
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    // Probes and the API description never need the token.
-    assert_eq!(t.get("/healthz").await.0, StatusCode::OK);
-    assert_eq!(t.get("/readyz").await.0, StatusCode::OK);
-    assert_eq!(t.get("/api/openapi.json").await.0, StatusCode::OK);
+    // The refused requests started nothing: two runs of quick, none of reading-sync.
+    t.app
+        .as_ref()
+        .unwrap()
+        .scheduler
+        .flush_ledger(Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(t.db.runs("quick").await.len(), 2);
+    assert!(t.db.runs("reading-sync").await.is_empty());
+
+    // DNS rebinding: a page's own name pointed at 127.0.0.1.
+    let addr = own.trim_start_matches("http://").to_owned();
+    let status = raw_status(
+        &addr,
+        "GET /api/jobs HTTP/1.1\r\nHost: evil.example:8085\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(status.contains(" 403 "), "{status}");
+    for host in ["localhost:8085", "127.0.0.1", "[::1]:8085"] {
+        let status = raw_status(
+            &addr,
+            &format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert!(status.contains(" 200 "), "{host}: {status}");
+    }
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_waiting_for_runs_are_capped_with_retry_after() {
+    let jobs = "[[jobs]]\nname = \"nap\"\nkind = \"command\"\nevery = \"1h\"\noverlap = \"allow\"\n\
+                [jobs.settings]\ncommand = [\"sleep\", \"2\"]\n";
+    let t = TestApp::spawn_with(jobs, &[("VIGIL_MAX_WAITING", "2")]).await;
+    let wait = || {
+        let req = t.http.post(t.url("/api/jobs/nap/runs?wait=true"));
+        async move { req.send().await.unwrap() }
+    };
+    let (a, b) = (tokio::spawn(wait()), tokio::spawn(wait()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refused = wait().await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers()["retry-after"], "2");
+    // Without waiting, triggers still go through.
+    assert_eq!(
+        t.post("/api/jobs/nap/runs").await.status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(a.await.unwrap().status(), StatusCode::OK);
+    assert_eq!(b.await.unwrap().status(), StatusCode::OK);
+    // Places free again once those have their answer.
+    assert_eq!(wait().await.status(), StatusCode::OK);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn open_connections_are_capped_and_the_next_waits_for_one_to_close() {
+    let t = TestApp::spawn(&[("VIGIL_MAX_CONNECTIONS", "2")]).await;
+    let addr = t.base.trim_start_matches("http://").to_owned();
+    let idle_a = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let idle_b = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let third = tokio::spawn({
+        let addr = addr.clone();
+        async move {
+            raw_status(
+                &addr,
+                "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !third.is_finished(),
+        "a third connection is not served while two are open"
+    );
+    drop(idle_a);
+    let status = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("served once a place is free")
+        .unwrap();
+    assert!(status.contains(" 200 "), "{status}");
+    drop(idle_b);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_requests_with_made_up_methods_and_paths_add_few_metric_series() {
+    use proptest::strategy::{Strategy as _, ValueTree as _};
+    let t = TestApp::spawn(&[]).await;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let methods = proptest::sample::select(vec![
+        "GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "BREW", "X-CUSTOM", "PROPFIND",
+    ]);
+    let paths = "/[a-z/{}%0-9]{0,24}";
+    for _ in 0..1000 {
+        let m = methods.new_tree(&mut runner).unwrap().current();
+        let p = paths.new_tree(&mut runner).unwrap().current();
+        let method = reqwest::Method::from_bytes(m.as_bytes()).unwrap();
+        let _ = t.http.request(method, t.url(&p)).send().await;
+    }
+    let text = t
+        .http
+        .get(t.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("vigil_http_requests_total{"))
+        .collect();
+    // Fixed label sets: ten methods at most, the route templates and "unmatched",
+    // the handful of statuses vigil answers with.
+    assert!(
+        series.len() <= 60,
+        "{} series:\n{}",
+        series.len(),
+        series.join("\n")
+    );
+    assert!(
+        series.iter().any(|s| s.contains("method=\"other\"")),
+        "made-up methods become other"
+    );
+    assert!(!text.contains("BREW") && !text.contains("PROPFIND"));
+    let durations = text
+        .lines()
+        .filter(|l| l.starts_with("vigil_http_request_duration_seconds_count{"))
+        .count();
+    assert!(durations <= 20, "{durations} duration series");
     t.stop().await;
 }
 
@@ -613,8 +855,7 @@ async fn a_panicking_handler_is_a_500_and_the_server_keeps_serving() {
         scheduler,
         store: db.store.clone(),
         metrics: Default::default(),
-        api_token: None,
-        reads_open: true,
+        guard: gateway::Guard::open(),
         reading_sync_job: "reading-sync".into(),
         reload: None,
     };

@@ -43,6 +43,7 @@ fn sync_job(spec: &JobSpec, store: &Store) -> MongoSync {
 fn ctx() -> RunContext {
     RunContext {
         job: "reading-sync".into(),
+        trigger: vigil::store::Trigger::Manual,
         run_id: uuid::Uuid::now_v7(),
         deadline: tokio::time::Instant::now() + Duration::from_secs(300),
     }

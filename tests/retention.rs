@@ -28,6 +28,7 @@ fn retention_spec(batch: u32, older_than: &str) -> vigil::config::JobSpec {
 fn ctx() -> RunContext {
     RunContext {
         job: "prune".into(),
+        trigger: vigil::store::Trigger::Manual,
         run_id: uuid::Uuid::now_v7(),
         deadline: tokio::time::Instant::now() + Duration::from_secs(60),
     }

@@ -24,6 +24,7 @@ fn repo() -> PathBuf {
 fn ctx(job: &str) -> RunContext {
     RunContext {
         job: job.into(),
+        trigger: vigil::store::Trigger::Manual,
         run_id: uuid::Uuid::now_v7(),
         deadline: tokio::time::Instant::now() + Duration::from_secs(120),
     }
@@ -160,6 +161,7 @@ command = ["true"]
         host: "stack".into(),
         metrics: Default::default(),
         mongo_uri: None,
+        env: vigil::config::Environment::capture().unwrap(),
         spool: None,
     };
     let kinds: std::collections::BTreeSet<String> =

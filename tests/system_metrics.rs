@@ -35,6 +35,7 @@ fn spec(every: &str, settings: &str) -> JobSpec {
 fn ctx() -> RunContext {
     RunContext {
         job: "host".into(),
+        trigger: vigil::store::Trigger::Manual,
         run_id: uuid::Uuid::now_v7(),
         deadline: tokio::time::Instant::now() + Duration::from_secs(60),
     }
@@ -59,6 +60,7 @@ async fn a_sample_read_back_from_postgres_is_sane() {
             host: "runner".into(),
             metrics: Default::default(),
             mongo_uri: None,
+            env: vigil::config::Environment::capture().unwrap(),
             spool: None,
         },
     )
@@ -261,6 +263,7 @@ async fn samples_taken_while_postgres_is_down_are_written_in_order_when_it_retur
             host: "outage".into(),
             metrics: Default::default(),
             mongo_uri: None,
+            env: vigil::config::Environment::capture().unwrap(),
             spool: None,
         },
     )

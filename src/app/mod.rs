@@ -131,6 +131,7 @@ pub async fn scheduler(
         host: config.settings.host.clone(),
         metrics: metrics.clone(),
         mongo_uri: config.settings.mongo_uri.clone(),
+        env: config.env.clone(),
         spool: Some(spool),
     };
     let reloader = Arc::new(Reloader::new(
@@ -185,11 +186,30 @@ impl App {
             scheduler: scheduler.clone(),
             store: store.clone(),
             metrics: metrics.clone(),
-            api_token: config.settings.api_token.clone(),
-            reads_open: config.settings.api_reads_open,
+            guard: gateway::Guard {
+                token: config.settings.api_token.clone(),
+                reads_open: config.settings.api_reads_open,
+                metrics_public: config.settings.metrics_public,
+                allowed_origins: config.settings.allowed_origins.clone(),
+                loopback_only: config.settings.bind.is_loopback(),
+                waiting: Arc::new(tokio::sync::Semaphore::new(
+                    config.settings.max_waiting as usize,
+                )),
+                max_connections: config.settings.max_connections as usize,
+            },
             reading_sync_job: config.settings.reading_sync_job.clone(),
             reload: Some(reloader),
         };
+        if config.settings.allow_no_token
+            && config.settings.api_token.is_none()
+            && !config.settings.bind.is_loopback()
+        {
+            tracing::warn!(
+                bind = %config.settings.bind,
+                "VIGIL_ALLOW_NO_TOKEN=true: the API, triggers and reload included, is open to \
+                 anyone who can reach this address"
+            );
+        }
         let addr = SocketAddr::new(config.settings.bind, config.settings.port);
         let gateway = match Gateway::start(state, addr).await {
             Ok(g) => g,

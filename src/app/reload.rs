@@ -100,6 +100,9 @@ impl Reloader {
                         .collect(),
                 )
             });
+        for w in &config.file.warnings {
+            tracing::warn!(warning = %w, "jobs file");
+        }
         match &report {
             Ok(r) => tracing::info!(
                 cause = cause.as_str(),

@@ -39,6 +39,8 @@ pub struct JobsFile {
     /// Identifies the text this was read from, so a reload can tell whether the file
     /// really changed (within one process only).
     pub digest: u64,
+    /// Valid choices worth a second look, located like problems.
+    pub warnings: Vec<Diagnostic>,
 }
 
 /// The [`JobsFile::digest`] of `text`.
@@ -92,6 +94,7 @@ pub fn parse_keeping_runner(
     }
 
     let mut diags = Vec::new();
+    let mut warnings = Vec::new();
     let mut runner = Vec::new();
     let mut jobs_value = None;
     for (key, value) in doc.into_inner() {
@@ -114,7 +117,7 @@ pub fn parse_keeping_runner(
             DeValue::Array(items) => {
                 for (index, item) in items.iter().enumerate() {
                     let Some((spec, name_span)) =
-                        parse_job(&map, kinds, index, item.clone(), &mut diags)
+                        parse_job(&map, kinds, index, item.clone(), &mut diags, &mut warnings)
                     else {
                         continue;
                     };
@@ -152,6 +155,7 @@ pub fn parse_keeping_runner(
             jobs,
             origins,
             digest: digest(text),
+            warnings,
         })
     } else {
         diags.sort_by_key(|d| match &d.origin {
@@ -260,6 +264,7 @@ fn parse_job(
     index: usize,
     item: Spanned<DeValue<'_>>,
     diags: &mut Vec<Diagnostic>,
+    warnings: &mut Vec<Diagnostic>,
 ) -> Option<(JobSpec, Range<usize>)> {
     let header = item.span();
     let (span, value) = (item.span(), item.into_inner());
@@ -319,6 +324,7 @@ fn parse_job(
             label: format!("{label} settings"),
             value: Some(settings_value),
             diags,
+            warnings,
         };
         kinds.read_settings(kind, &mut reader)
     });
@@ -447,6 +453,12 @@ fn retry_policy(
 pub trait Validate {
     /// Problems as (span, message); an empty list means valid.
     fn validate(&self) -> Vec<(Option<Range<usize>>, String)>;
+
+    /// Choices that are valid but worth a second look (as (span, message)):
+    /// `vigil check` prints them, `vigil run` logs them.
+    fn warnings(&self) -> Vec<(Option<Range<usize>>, String)> {
+        Vec::new()
+    }
 }
 
 pub(super) fn check<T: Validate>(
@@ -454,9 +466,13 @@ pub(super) fn check<T: Validate>(
     label: &str,
     config: T,
     diags: &mut Vec<Diagnostic>,
+    warnings: &mut Vec<Diagnostic>,
 ) -> Option<T> {
     let problems = config.validate();
     if problems.is_empty() {
+        for (span, message) in config.warnings() {
+            warnings.push(map.diagnostic(span, Some(label.to_owned()), message));
+        }
         return Some(config);
     }
     for (span, message) in problems {

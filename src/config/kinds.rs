@@ -33,6 +33,7 @@ pub struct SettingsReader<'m, 'i> {
     pub(super) label: String,
     pub(super) value: Option<Spanned<DeValue<'i>>>,
     pub(super) diags: &'m mut Vec<Diagnostic>,
+    pub(super) warnings: &'m mut Vec<Diagnostic>,
 }
 
 impl<'i> SettingsReader<'_, 'i> {
@@ -41,7 +42,7 @@ impl<'i> SettingsReader<'_, 'i> {
     pub fn read<T: Deserialize<'i> + Validate>(&mut self) -> Option<T> {
         let value = self.value.take()?;
         deserialize_collecting(self.map, &self.label, value, self.diags)
-            .and_then(|c| check(self.map, &self.label, c, self.diags))
+            .and_then(|c| check(self.map, &self.label, c, self.diags, self.warnings))
     }
 }
 

@@ -15,7 +15,10 @@ pub use file::{JobsFile, RunnerEntry, Validate, digest, unreadable};
 pub use job::{CatchUp, JobSpec, Overlap, RetryConfig, RetryPolicy, Scope};
 pub use kinds::{JobSettings, Kinds, SettingsReader};
 pub use schedule::{CronExpr, Schedule, TimeZone};
-pub use settings::{DatabaseTarget, Environment, Secret, Settings, parse_bytes, redact_url};
+pub use settings::{
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_WAITING, DatabaseTarget, Environment, Secret, Settings,
+    parse_bytes, redact, redact_url, register_secret,
+};
 pub use types::{HumanDuration, Ident, Slug};
 
 use std::path::Path;

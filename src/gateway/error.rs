@@ -10,7 +10,9 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     /// Extra fields merged into the body (e.g. the running run's id on a 409).
-    pub extra: Option<Value>,
+    pub extra: Option<Box<Value>>,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -20,11 +22,17 @@ impl ApiError {
             code,
             message: message.into(),
             extra: None,
+            retry_after: None,
         }
     }
 
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
     pub fn with(mut self, extra: Value) -> Self {
-        self.extra = Some(extra);
+        self.extra = Some(Box::new(extra));
         self
     }
 
@@ -50,7 +58,8 @@ impl ApiError {
 
     pub fn body(&self) -> Value {
         let mut body = json!({ "error": self.code, "message": self.message });
-        if let (Some(Value::Object(extra)), Value::Object(map)) = (&self.extra, &mut body) {
+        if let (Some(Value::Object(extra)), Value::Object(map)) = (self.extra.as_deref(), &mut body)
+        {
             for (k, v) in extra {
                 map.insert(k.clone(), v.clone());
             }

@@ -51,11 +51,48 @@ pub struct State {
     pub scheduler: Scheduler,
     pub store: Store,
     pub metrics: Metrics,
-    pub api_token: Option<Secret>,
-    pub reads_open: bool,
+    /// Who may call what.
+    pub guard: Guard,
     pub reading_sync_job: String,
     /// `None` where nothing can be reloaded (`POST /api/reload` answers 503).
     pub reload: Option<Arc<dyn Reload>>,
+}
+
+/// The gateway's rules of entry.
+#[derive(Clone)]
+pub struct Guard {
+    /// With a token, every route but `/`, `/healthz` and `/readyz` needs it.
+    pub token: Option<Secret>,
+    /// Reads need no token even when one is set.
+    pub reads_open: bool,
+    /// `/metrics` needs no token even when one is set.
+    pub metrics_public: bool,
+    /// Origins whose pages may send state-changing requests, beside the gateway's own.
+    pub allowed_origins: Vec<String>,
+    /// The gateway listens on loopback only: a `Host` that names anything else is a
+    /// DNS-rebinding attempt.
+    pub loopback_only: bool,
+    /// Requests that may wait for a run's end at once.
+    pub waiting: Arc<tokio::sync::Semaphore>,
+    /// Open connections.
+    pub max_connections: usize,
+}
+
+impl Guard {
+    /// No token, every read open, loopback only; the settings' default caps.
+    pub fn open() -> Self {
+        Self {
+            token: None,
+            reads_open: true,
+            metrics_public: true,
+            allowed_origins: Vec::new(),
+            loopback_only: true,
+            waiting: Arc::new(tokio::sync::Semaphore::new(
+                crate::config::DEFAULT_MAX_WAITING as usize,
+            )),
+            max_connections: crate::config::DEFAULT_MAX_CONNECTIONS as usize,
+        }
+    }
 }
 
 /// A request as handlers see it.
@@ -94,7 +131,11 @@ impl Reply {
 
 impl From<ApiError> for Reply {
     fn from(e: ApiError) -> Self {
-        Reply::json(e.status, e.body())
+        let reply = Reply::json(e.status, e.body());
+        match e.retry_after {
+            Some(s) => reply.header(header::RETRY_AFTER, s.to_string()),
+            None => reply,
+        }
     }
 }
 
@@ -136,6 +177,7 @@ impl Gateway {
         let local_addr = listener
             .local_addr()
             .map_err(|source| BindError { addr, source })?;
+        let max_connections = state.guard.max_connections.max(1);
         let filter = warp::method()
             .and(warp::path::full())
             .and(warp::query::raw().or(warp::any().map(String::new)).unify())
@@ -163,14 +205,12 @@ impl Gateway {
                 },
             );
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(
-            warp::serve(filter)
-                .incoming(listener)
-                .graceful(async move {
-                    let _ = stopped.await;
-                })
-                .run(),
-        );
+        let task = tokio::spawn(serve(
+            listener,
+            warp::service(filter),
+            max_connections,
+            stopped,
+        ));
         tracing::info!(address = %local_addr, "gateway listening");
         Ok(Self {
             local_addr,
@@ -191,6 +231,66 @@ impl Gateway {
     }
 }
 
+/// Accepts connections while fewer than `max_connections` are open (past it, new
+/// ones wait in the kernel's backlog), each served by hyper with the API as its
+/// service; on `stopped`, stops accepting and lets open connections finish.
+async fn serve<S>(
+    listener: tokio::net::TcpListener,
+    service: S,
+    max_connections: usize,
+    stopped: oneshot::Receiver<()>,
+) where
+    S: tower_service::Service<
+            warp::http::Request<warp::hyper::body::Incoming>,
+            Response = warp::reply::Response,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder;
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stopped = std::pin::pin!(stopped);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = &mut stopped => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: pause rather than spin.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut stopped => break,
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(service.clone());
+        let conn = Builder::new(TokioExecutor::new())
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            // A client that hangs up mid-request is no error of ours.
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
 async fn dispatch(
     state: State,
     handler: Handler,
@@ -207,9 +307,26 @@ async fn dispatch(
         method.clone()
     };
     let (route, reply) = match routes::find(&lookup_method, &path) {
+        _ if !host_allowed(&state.guard, &headers) => (
+            "unmatched",
+            Reply::from(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the Host header names another machine, but this gateway listens on loopback \
+                 only (DNS-rebinding protection): use http://127.0.0.1:PORT or \
+                 http://localhost:PORT",
+            )),
+        ),
         routes::Found::Route(route, captures) => {
-            let reply = match authorize(&state, route.access, &headers) {
-                Err(e) => Reply::from(e).header(header::WWW_AUTHENTICATE, "Bearer".into()),
+            let checked = match authorize(&state, route.access, &headers) {
+                Err(e) => Err(Reply::from(e).header(header::WWW_AUTHENTICATE, "Bearer".into())),
+                Ok(()) => match origin_allowed(&state.guard, route, &headers) {
+                    Err(e) => Err(Reply::from(e)),
+                    Ok(()) => Ok(()),
+                },
+            };
+            let reply = match checked {
+                Err(reply) => reply,
                 Ok(()) => {
                     let request = Request {
                         method: method.clone(),
@@ -262,7 +379,7 @@ async fn dispatch(
         .metrics
         .http_requests
         .get_or_create(&HttpLabels {
-            method: method.as_str().to_owned(),
+            method: method_label(&method).to_owned(),
             route: route.to_owned(),
             status,
         })
@@ -290,6 +407,8 @@ fn into_response(reply: Reply) -> warp::reply::Response {
         Some((text, ct)) => (text, ct),
         None => (reply.json.to_string(), "application/json"),
     };
+    // Every answer leaves vigil through here: no secret in it.
+    let body = crate::config::redact(&body).into_owned();
     let mut response = warp::reply::Response::new(body.into());
     *response.status_mut() = reply.status;
     let headers = response.headers_mut();
@@ -302,14 +421,34 @@ fn into_response(reply: Reply) -> warp::reply::Response {
     response
 }
 
-/// Checks the bearer token for routes that need one.
+/// The method as a metrics label: one of the standard verbs, else `other`, so no
+/// client can make up new series.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// Checks the bearer token for routes that need one. The scheme name is matched
+/// without regard to case (RFC 9110); the token in constant time.
 fn authorize(state: &State, access: Access, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = &state.api_token else {
+    let guard = &state.guard;
+    let Some(token) = &guard.token else {
         return Ok(());
     };
     let needed = match access {
         Access::Open => false,
-        Access::Read => !state.reads_open,
+        Access::Metrics => !guard.metrics_public,
+        Access::Read => !guard.reads_open,
         Access::Work => true,
     };
     if !needed {
@@ -318,8 +457,9 @@ fn authorize(state: &State, access: Access, headers: &HeaderMap) -> Result<(), A
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, t)| t.trim());
     // Constant time, so the comparison leaks nothing about the token.
     if bool::from(presented.as_bytes().ct_eq(token.expose().as_bytes())) {
         Ok(())
@@ -329,5 +469,104 @@ fn authorize(state: &State, access: Access, headers: &HeaderMap) -> Result<(), A
             "unauthorized",
             "this endpoint needs `Authorization: Bearer <VIGIL_API_TOKEN>`",
         ))
+    }
+}
+
+/// On a loopback-only gateway, the `Host` must name this machine: a web page whose
+/// name was re-pointed at 127.0.0.1 (DNS rebinding) sends its own name.
+fn host_allowed(guard: &Guard, headers: &HeaderMap) -> bool {
+    if !guard.loopback_only {
+        return true;
+    }
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        // HTTP/1.0 without Host: nothing to rebind.
+        return true;
+    };
+    is_loopback_host(host)
+}
+
+/// `localhost`, `*.localhost`, `127.x.y.z`, `[::1]`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => match host.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        },
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A request that changes state (any POST; `GET /api/sync/reading` starts a run) from a
+/// web page of another origin is refused: any page a user opens could send it.
+fn origin_allowed(guard: &Guard, route: &Route, headers: &HeaderMap) -> Result<(), ApiError> {
+    let changes_state = route.method == Method::POST || route.template == "/api/sync/reading";
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    if !changes_state {
+        return Ok(());
+    }
+    let origin = origin.to_str().unwrap_or("").trim().to_ascii_lowercase();
+    let own = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| h.to_ascii_lowercase());
+    let same_origin = own.is_some_and(|host| {
+        origin == format!("http://{host}") || origin == format!("https://{host}")
+    });
+    if same_origin || guard.allowed_origins.contains(&origin) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "a web page from {origin:?} may not start work here; list that origin in \
+                 VIGIL_ALLOWED_ORIGINS to allow it"
+            ),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_names_and_addresses_are_recognised_and_others_not() {
+        for host in [
+            "localhost",
+            "localhost:8085",
+            "LOCALHOST.",
+            "app.localhost:3000",
+            "127.0.0.1",
+            "127.1.2.3:80",
+            "[::1]:8085",
+            "[::1]",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8085",
+            "localhost.evil.example",
+            "10.0.0.1:8085",
+            "[2001:db8::1]:8085",
+            "",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
+
+    #[test]
+    fn only_standard_methods_become_labels() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap()), "other");
     }
 }

@@ -17,9 +17,11 @@ use crate::store::runs::{RunQuery, RunRecord};
 /// Who may call a route when `VIGIL_API_TOKEN` is set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
-    /// Never needs the token (health probes, the API description).
+    /// Never needs the token: the welcome and the health probes.
     Open,
-    /// Needs the token only when reads are closed (`VIGIL_API_READS_OPEN=false`).
+    /// `/metrics`: needs the token unless `VIGIL_METRICS_PUBLIC=true`.
+    Metrics,
+    /// Needs the token unless `VIGIL_API_READS_OPEN=true`.
     Read,
     /// Starts work: always needs the token.
     Work,
@@ -43,11 +45,11 @@ macro_rules! route {
 
 /// Every route the gateway answers. The OpenAPI description is tested against it.
 pub static ROUTES: [Route; 14] = [
-    route!(GET, "/", Read, []),
+    route!(GET, "/", Open, []),
     route!(GET, "/healthz", Open, []),
     route!(GET, "/readyz", Open, []),
-    route!(GET, "/metrics", Read, []),
-    route!(GET, "/api/openapi.json", Open, []),
+    route!(GET, "/metrics", Metrics, []),
+    route!(GET, "/api/openapi.json", Read, []),
     route!(GET, "/api/reading", Read, ["limit", "cursor", "from", "to"]),
     route!(GET, "/api/sync/reading", Work, ["wait", "force"]),
     route!(POST, "/api/sync/reading", Work, ["wait", "force"]),
@@ -166,6 +168,10 @@ pub fn handle(state: State, route: &'static Route, req: Request) -> HandlerFutur
                         .unwrap_or(DEFAULT_SYNC_WAIT_S),
                 );
                 let force = params.bool("force")?;
+                // Taken before the run starts: a refused request starts nothing.
+                let _waiting = (!wait.is_zero())
+                    .then(|| waiting_permit(&state))
+                    .transpose()?;
                 let handle = trigger(&state, &state.reading_sync_job, force)?;
                 finish_or_accept(&state, handle, wait).await
             }
@@ -234,6 +240,7 @@ pub fn handle(state: State, route: &'static Route, req: Request) -> HandlerFutur
                         .unwrap_or(DEFAULT_TRIGGER_WAIT_S),
                 );
                 let force = params.bool("force")?;
+                let _waiting = wait.then(|| waiting_permit(&state)).transpose()?;
                 let handle = trigger(&state, &name, force)?;
                 if wait {
                     finish_or_accept(&state, handle, timeout).await
@@ -391,6 +398,26 @@ fn trigger(state: &State, name: &str, force: bool) -> Result<RunHandle, ApiError
         TriggerError::Stopping => ApiError::unavailable(e.to_string()),
     })
 }
+
+/// A place among the requests that wait for a run's end, or 503 with `Retry-After`
+/// when they are all taken (`VIGIL_MAX_WAITING`).
+fn waiting_permit(state: &State) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    state
+        .guard
+        .waiting
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            ApiError::unavailable(
+                "too many requests are waiting for runs to end; retry shortly, or trigger \
+             without waiting and poll the run's location",
+            )
+            .retry_after(WAITING_RETRY_AFTER_S)
+        })
+}
+
+/// What a request refused for want of a waiting place is told to wait, in seconds.
+const WAITING_RETRY_AFTER_S: u64 = 2;
 
 fn accepted(run_id: Uuid) -> Reply {
     let location = format!("/api/runs/{run_id}");

@@ -37,9 +37,13 @@ pub const KIND: Kind = Kind {
     build,
 };
 
-fn build(spec: &JobSpec, _deps: &Deps) -> Result<std::sync::Arc<dyn Job>, JobError> {
+fn build(spec: &JobSpec, deps: &Deps) -> Result<std::sync::Arc<dyn Job>, JobError> {
     let c: &CommandConfig = super::settings(spec)?;
-    Ok(std::sync::Arc::new(CommandJob::new(c.clone())))
+    let base_env = deps.env.for_programs(*c.inherit_env.get_ref());
+    Ok(std::sync::Arc::new(CommandJob::with_env(
+        c.clone(),
+        base_env,
+    )))
 }
 
 /// ```toml
@@ -56,6 +60,10 @@ pub struct CommandConfig {
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     pub workdir: Option<PathBuf>,
+    /// Give the program vigil's whole environment, secrets included, instead of only
+    /// `PATH`, `HOME`, `LANG`, `LC_*`, `TZ` and the job's `env`.
+    #[serde(default = "no_inherit")]
+    pub inherit_env: Spanned<bool>,
     /// Longest output line logged; the rest of a longer line is cut (and counted).
     #[serde(default = "default_max_line_bytes")]
     pub max_line_bytes: Spanned<usize>,
@@ -71,6 +79,9 @@ pub const DEFAULT_MAX_LINE_BYTES: usize = 16 << 10;
 pub const DEFAULT_MAX_LOG_BYTES: usize = 1 << 20;
 const MAX_LIMIT: usize = 1 << 30;
 
+fn no_inherit() -> Spanned<bool> {
+    Spanned::new(0..0, false)
+}
 fn default_max_line_bytes() -> Spanned<usize> {
     Spanned::new(0..0, DEFAULT_MAX_LINE_BYTES)
 }
@@ -104,15 +115,38 @@ impl Validate for CommandConfig {
         }
         problems
     }
+
+    fn warnings(&self) -> Vec<(Option<Range<usize>>, String)> {
+        if *self.inherit_env.get_ref() {
+            vec![(
+                Some(self.inherit_env.span()),
+                "inherit_env = true gives the program vigil's whole environment, its \
+                 secrets (DATABASE_URL, MONGO_URI, VIGIL_API_TOKEN, …) included; prefer \
+                 naming what it needs in `env`"
+                    .into(),
+            )]
+        } else {
+            Vec::new()
+        }
+    }
 }
 
 pub struct CommandJob {
     config: CommandConfig,
+    /// The part of vigil's environment the program gets.
+    base_env: Vec<(String, String)>,
 }
 
 impl CommandJob {
+    /// A job whose program gets no environment but the job's `env` and vigil's run
+    /// variables.
     pub fn new(config: CommandConfig) -> Self {
-        Self { config }
+        Self::with_env(config, Vec::new())
+    }
+
+    /// A job whose program also gets `base_env` (see `Environment::for_programs`).
+    pub fn with_env(config: CommandConfig, base_env: Vec<(String, String)>) -> Self {
+        Self { config, base_env }
     }
 }
 
@@ -255,15 +289,22 @@ async fn end_group(pgid: Pid) {
 
 #[async_trait::async_trait]
 impl Job for CommandJob {
-    async fn run(&self, _ctx: RunContext) -> Result<RunOutcome, JobError> {
+    async fn run(&self, ctx: RunContext) -> Result<RunOutcome, JobError> {
         let c = &self.config;
         let argv = c.command.get_ref();
         let (program, args) = argv
             .split_first()
             .ok_or_else(|| JobError::Failed("empty command".into()))?;
         let mut cmd = Command::new(program);
+        // Least privilege: none of vigil's own environment (its secrets) unless the job
+        // asks for it; then the job's own variables, then the run's.
         cmd.args(args)
+            .env_clear()
+            .envs(self.base_env.iter().map(|(k, v)| (k, v)))
             .envs(&c.env)
+            .env("VIGIL_RUN_ID", ctx.run_id.to_string())
+            .env("VIGIL_JOB", &*ctx.job)
+            .env("VIGIL_TRIGGER", ctx.trigger.as_str())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

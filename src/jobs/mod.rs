@@ -104,6 +104,9 @@ pub fn settings<T: std::any::Any>(spec: &JobSpec) -> Result<&T, JobError> {
 pub struct RunContext {
     pub job: Arc<str>,
     pub run_id: Uuid,
+    /// Why the run started; a job only passes it on (a program sees `VIGIL_TRIGGER`),
+    /// it never decides anything by it.
+    pub trigger: crate::store::Trigger,
     /// When the scheduler will cancel this attempt; long jobs stop starting new work
     /// before it.
     pub deadline: tokio::time::Instant,
@@ -187,6 +190,8 @@ pub struct Deps {
     pub metrics: Metrics,
     /// `MONGO_URI`, for sync jobs that do not name their own.
     pub mongo_uri: Option<crate::config::Secret>,
+    /// The environment vigil was started with (programs get only part of it).
+    pub env: crate::config::Environment,
     /// Where jobs that buffer rows for PostgreSQL spill them to disk (and how much
     /// each may keep there); `None`: in memory only.
     pub spool: Option<SpoolPlace>,

@@ -682,6 +682,7 @@ impl Inner {
         status: RunStatus,
         reason: String,
     ) -> RunRecord {
+        let reason = crate::config::redact(&reason).into_owned();
         let now = self.clock.now();
         if status == RunStatus::Skipped {
             tracing::info!(job = %slot.spec.name, run_id = %id, %reason, "firing skipped");

@@ -143,7 +143,7 @@ pub(super) async fn govern(
             attempt,
             trigger = %record.trigger,
         );
-        let ended = attempt_once(&slot, id, &active, span.clone()).await;
+        let ended = attempt_once(&slot, id, record.trigger, &active, span.clone()).await;
         record.finished_at = Some(inner.clock.now());
         record.status = ended.status;
         record.items = ended.items;
@@ -235,11 +235,18 @@ async fn acquire_cluster_lock(
 }
 
 /// Runs the job once in its own task, so a panic is caught and a hang is cut off.
-async fn attempt_once(slot: &Slot, id: Uuid, active: &Active, span: tracing::Span) -> Ended {
+async fn attempt_once(
+    slot: &Slot,
+    id: Uuid,
+    trigger: Trigger,
+    active: &Active,
+    span: tracing::Span,
+) -> Ended {
     let timeout = slot.spec.timeout;
     let ctx = RunContext {
         job: slot.spec.name.as_str().into(),
         run_id: id,
+        trigger,
         deadline: tokio::time::Instant::now() + timeout,
     };
     let job = slot.job.clone();
@@ -274,7 +281,11 @@ async fn attempt_once(slot: &Slot, id: Uuid, active: &Active, span: tracing::Spa
         Stop::Joined(Ok(Err(e))) => Ended {
             permanent: e.is_permanent(),
             retry_after: e.retry_after(),
-            ..Ended::new(RunStatus::Failed, Some(e.to_string()))
+            // What a job says reaches the ledger and the API: no secret in it.
+            ..Ended::new(
+                RunStatus::Failed,
+                Some(crate::config::redact(&e.to_string()).into_owned()),
+            )
         },
         Stop::Joined(Err(join)) => Ended::new(
             RunStatus::Failed,

@@ -317,6 +317,24 @@ fn locate_in(
     })
 }
 
+/// Writes `bytes` to a new file readable by its owner only from its first byte (no
+/// moment where another user could open it), replacing any file there.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
 fn init_cluster(
     bin_dir: &Path,
     pgdata: &Path,
@@ -328,12 +346,10 @@ fn init_cluster(
     std::fs::set_permissions(pgdata, std::fs::Permissions::from_mode(0o700))
         .map_err(io("cannot restrict the cluster directory", pgdata))?;
     chown(pgdata, account)?;
-    std::fs::write(password_file, password.expose()).map_err(io(
+    write_private(password_file, password.expose().as_bytes()).map_err(io(
         "cannot write the embedded PostgreSQL password",
         password_file,
     ))?;
-    std::fs::set_permissions(password_file, std::fs::Permissions::from_mode(0o600))
-        .map_err(io("cannot restrict the password file", password_file))?;
     chown(password_file, account)?;
 
     let program = bin_dir.join("initdb");
@@ -424,6 +440,19 @@ fn random_password() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_private_file_is_owner_only_from_its_creation() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("secret");
+        std::fs::write(&p, "old, world-readable").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // Created anew with the owner-only mode: an old file's mode is not inherited.
+        write_private(&p, b"pw").unwrap();
+        let meta = std::fs::metadata(&p).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read(&p).unwrap(), b"pw");
+    }
 
     #[test]
     fn missing_server_binaries_name_what_to_install_and_what_to_set() {

@@ -152,6 +152,7 @@ impl Target {
                 password,
                 name,
                 sslmode,
+                sslrootcert,
             } => {
                 let mut o = PgConnectOptions::new()
                     .host(host)
@@ -166,6 +167,9 @@ impl Target {
                     if let Ok(mode) = mode.parse::<sqlx::postgres::PgSslMode>() {
                         o = o.ssl_mode(mode);
                     }
+                }
+                if let Some(ca) = sslrootcert {
+                    o = o.ssl_root_cert(ca);
                 }
                 o
             }

@@ -106,7 +106,8 @@ where
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
         let at = SystemTime::now();
         let (object, job) = event_object(event, &ctx, at.into());
-        let line = Value::Object(object).to_string();
+        // Every line leaves vigil through here: no secret in it.
+        let line = crate::config::redact(&Value::Object(object).to_string()).into_owned();
         if let Some(loki) = &self.loki {
             loki.send(event.metadata().level(), job.as_deref(), at, &line);
         }

@@ -414,7 +414,11 @@ async fn ship(queue: Arc<Queue>, client: reqwest::Client, options: LokiOptions) 
                 backoff = Duration::from_millis(250);
             }
             Outcome::Rejected(why) => {
-                eprintln!("vigil: Loki rejected {} log events: {why}", batch.len());
+                eprintln!(
+                    "vigil: Loki rejected {} log events: {}",
+                    batch.len(),
+                    crate::config::redact(&why)
+                );
                 queue.count_dropped(batch.len() as u64);
             }
             Outcome::Retry(why) => {
@@ -427,7 +431,10 @@ async fn ship(queue: Arc<Queue>, client: reqwest::Client, options: LokiOptions) 
                 queue.count_dropped(dropped);
                 if last_failure_log.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
                     // To stderr, not through tracing: this is about the log pipe itself.
-                    eprintln!("vigil: cannot push logs to Loki ({why}); retrying");
+                    eprintln!(
+                        "vigil: cannot push logs to Loki ({}); retrying",
+                        crate::config::redact(&why)
+                    );
                     last_failure_log = Some(Instant::now());
                 }
                 if closed {

@@ -252,7 +252,9 @@ impl Write for QueuedLine {
 impl Drop for QueuedLine {
     fn drop(&mut self) {
         if !self.buf.is_empty() {
-            self.writer.push(std::mem::take(&mut self.buf));
+            let text = String::from_utf8_lossy(&self.buf);
+            let line = crate::config::redact(&text).into_owned().into_bytes();
+            self.writer.push(line);
         }
     }
 }

@@ -91,6 +91,7 @@ impl TestDb {
             host: "h".into(),
             metrics: Default::default(),
             mongo_uri: None,
+            env: vigil::config::Environment::capture().unwrap(),
             spool: None,
         }
     }
@@ -318,6 +319,23 @@ impl OwnPostgres {
 
     fn data(&self) -> PathBuf {
         self.dir.path().join("pg")
+    }
+
+    /// The embedded server's data directory (the cluster is in `postgres/` below it).
+    pub fn data_dir(&self) -> PathBuf {
+        self.data()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.pg.as_ref().expect("running").port()
+    }
+
+    /// The superuser's password.
+    pub fn password(&self) -> String {
+        std::fs::read_to_string(self.data().join("postgres.password"))
+            .unwrap()
+            .trim()
+            .to_owned()
     }
 
     /// Starts (again) the cluster, on the port it had.

@@ -69,6 +69,21 @@ impl Environment {
         Self { vars }
     }
 
+    /// What a program vigil starts may see: the variables that make a process work
+    /// (`PATH`, `HOME`, `LANG`, `LC_*`, `TZ`) and no others, or, with `inherit`,
+    /// everything vigil has (its secrets included).
+    pub fn for_programs(&self, inherit: bool) -> Vec<(String, String)> {
+        self.vars
+            .iter()
+            .filter(|(k, _)| {
+                inherit
+                    || matches!(k.as_str(), "PATH" | "HOME" | "LANG" | "TZ")
+                    || k.starts_with("LC_")
+            })
+            .map(|(k, (v, _))| (k.clone(), v.clone()))
+            .collect()
+    }
+
     pub fn get(&self, name: &str) -> Option<&str> {
         self.vars.get(name).map(|(v, _)| v.as_str())
     }

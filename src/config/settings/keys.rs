@@ -33,6 +33,7 @@ pub const KEYS: &[Key] = &[
     key("db_password", "DB_PASSWORD", EnvOnly),
     key("db_name", "DB_NAME", EnvOnly),
     key("db_sslmode", "DB_SSLMODE", EnvOnly),
+    key("db_sslrootcert", "DB_SSLROOTCERT", EnvOnly),
     key("port", "PORT", RunnerAndEnv),
     key("bind", "VIGIL_BIND", RunnerAndEnv),
     key("mongo_uri", "MONGO_URI", RunnerAndEnv),
@@ -72,6 +73,11 @@ pub const KEYS: &[Key] = &[
     key("loki_max_buffer", "VIGIL_LOKI_MAX_BUFFER", RunnerAndEnv),
     key("api_token", "VIGIL_API_TOKEN", EnvOnly),
     key("api_reads_open", "VIGIL_API_READS_OPEN", RunnerAndEnv),
+    key("metrics_public", "VIGIL_METRICS_PUBLIC", RunnerAndEnv),
+    key("allow_no_token", "VIGIL_ALLOW_NO_TOKEN", EnvOnly),
+    key("allowed_origins", "VIGIL_ALLOWED_ORIGINS", RunnerAndEnv),
+    key("max_waiting", "VIGIL_MAX_WAITING", RunnerAndEnv),
+    key("max_connections", "VIGIL_MAX_CONNECTIONS", RunnerAndEnv),
     key("reading_sync_job", "VIGIL_READING_SYNC_JOB", RunnerAndEnv),
     key("watch_config", "VIGIL_WATCH_CONFIG", RunnerAndEnv),
 ];
@@ -117,8 +123,15 @@ pub const DEFAULT_DB_HOST: &str = "localhost";
 pub const DEFAULT_DB_PORT: u16 = 5432;
 pub const DEFAULT_DB_USER: &str = "vigil";
 pub const DEFAULT_DB_NAME: &str = "vigil";
-/// Dashboards and health probes read without credentials unless closed explicitly.
-pub const DEFAULT_API_READS_OPEN: bool = true;
+/// With a token, reads need it too: the API is closed unless opened.
+pub const DEFAULT_API_READS_OPEN: bool = false;
+/// With a token, `/metrics` needs it too (Prometheus sends one with `authorization`).
+pub const DEFAULT_METRICS_PUBLIC: bool = false;
+/// Requests that wait for a run's end (`?wait=`, `/api/sync/reading`) hold a connection
+/// each: a few dozen is plenty for people and scripts, and bounds what a flood holds.
+pub const DEFAULT_MAX_WAITING: u32 = 32;
+/// Open connections to the gateway; past it, new ones wait in the kernel's backlog.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 512;
 /// The seed's reading sync job.
 pub const DEFAULT_READING_SYNC_JOB: &str = "reading-sync";
 /// Tens of thousands of events: a few minutes of a busy runner's logs.

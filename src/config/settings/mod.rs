@@ -23,7 +23,7 @@ pub use env::Environment;
 pub use keys::*;
 pub use read::parse_bytes;
 use read::{EnvSource, Reader, RunnerSource, parse_labels};
-pub use secret::{DatabaseTarget, Secret, redact_url};
+pub use secret::{DatabaseTarget, Secret, redact, redact_url, register_secret};
 
 use super::diagnostic::{Diagnostic, Diagnostics, Origin};
 use super::file::RunnerEntry;
@@ -58,8 +58,20 @@ pub struct Settings {
     pub search_path: Option<String>,
     /// With a token, every request that starts work needs `Authorization: Bearer <token>`.
     pub api_token: Option<Secret>,
-    /// Whether reads (job lists, run history, readings, metrics) need no token.
+    /// Whether reads (job lists, run history, readings, the API description) need no
+    /// token.
     pub api_reads_open: bool,
+    /// Whether `/metrics` needs no token.
+    pub metrics_public: bool,
+    /// Bind beyond loopback without a token anyway (logged as a warning at each start).
+    pub allow_no_token: bool,
+    /// Origins (`https://grafana.example`) whose pages may send state-changing requests,
+    /// beside the gateway's own.
+    pub allowed_origins: Vec<String>,
+    /// Requests that may wait for a run's end at once.
+    pub max_waiting: u32,
+    /// Open connections to the gateway.
+    pub max_connections: u32,
     /// The job `/api/sync/reading` runs.
     pub reading_sync_job: String,
     /// Extra static Loki labels, beside `service`, `host`, `level` and `job`.
@@ -167,7 +179,7 @@ impl Settings {
                 "an IP address such as 127.0.0.1 or 0.0.0.0",
                 |s| s.parse::<IpAddr>().ok(),
             ),
-            mongo_uri: r.string("mongo_uri").map(Secret::new),
+            mongo_uri: read::mongo_uri(&mut r),
             loki_url: loki_url(&mut r),
             host: r.string("host").unwrap_or_else(local_hostname),
             shutdown_grace: r.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
@@ -191,6 +203,16 @@ impl Settings {
             search_path: env.get("PATH").map(str::to_owned),
             api_token: r.string("api_token").map(Secret::new),
             api_reads_open: r.flag("api_reads_open", DEFAULT_API_READS_OPEN),
+            metrics_public: r.flag("metrics_public", DEFAULT_METRICS_PUBLIC),
+            allow_no_token: r.flag("allow_no_token", false),
+            allowed_origins: r.parsed(
+                "allowed_origins",
+                Vec::new(),
+                "comma-separated origins such as https://grafana.example (scheme, host, optional port; no path)",
+                read::parse_origins,
+            ),
+            max_waiting: r.count("max_waiting", DEFAULT_MAX_WAITING, 1..=10_000),
+            max_connections: r.count("max_connections", DEFAULT_MAX_CONNECTIONS, 1..=100_000),
             reading_sync_job: r
                 .string("reading_sync_job")
                 .unwrap_or_else(|| DEFAULT_READING_SYNC_JOB.to_owned()),
@@ -208,6 +230,22 @@ impl Settings {
             ),
             watch_config: r.flag("watch_config", DEFAULT_WATCH_CONFIG),
         };
+        // A gateway reachable from other machines is closed unless someone chose
+        // otherwise, twice: by a token, or by saying so.
+        if !settings.bind.is_loopback() && settings.api_token.is_none() && !settings.allow_no_token
+        {
+            let origin = origins.get("bind").cloned().unwrap_or(Origin::Unknown);
+            diags.push(Diagnostic {
+                origin,
+                job: None,
+                message: format!(
+                    "bind: {} lets other machines reach the API, and no VIGIL_API_TOKEN is set: \
+                     set one (for example `VIGIL_API_TOKEN=$(openssl rand -hex 32)`), or bind \
+                     127.0.0.1, or set VIGIL_ALLOW_NO_TOKEN=true to accept an open API",
+                    settings.bind
+                ),
+            });
+        }
         if diags.is_empty() {
             Ok(settings)
         } else {
@@ -218,15 +256,20 @@ impl Settings {
 
 fn loki_url(r: &mut Reader<'_>) -> Option<String> {
     let url = r.string("loki_url")?;
-    if url.starts_with("http://") || url.starts_with("https://") {
-        Some(url)
-    } else {
+    // Basic-auth credentials in it are a secret like any other.
+    register_secret(&url);
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
         r.problem(
             "loki_url",
             "loki_url: expected an http:// or https:// URL".into(),
         );
-        None
+        return None;
     }
+    if url::Url::parse(&url).is_err() || !read::userinfo_intact(&url) {
+        r.problem("loki_url", format!("loki_url: {}", read::NOT_A_URL));
+        return None;
+    }
+    Some(url)
 }
 
 fn local_hostname() -> String {

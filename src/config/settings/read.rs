@@ -171,6 +171,8 @@ impl Reader<'_> {
     /// `DATABASE_URL`, else the `DB_*` parts if any is set, else none (embedded).
     pub fn database(&mut self) -> Option<DatabaseTarget> {
         if let Some(url) = self.string("database_url") {
+            let secret = Secret::new(url);
+            let url = secret.expose();
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 self.problem(
                     "database_url",
@@ -179,7 +181,11 @@ impl Reader<'_> {
                 );
                 return None;
             }
-            return Some(DatabaseTarget::Url(Secret::new(url)));
+            if url::Url::parse(url).is_err() || !userinfo_intact(url) {
+                self.problem("database_url", format!("database_url: {NOT_A_URL}"));
+                return None;
+            }
+            return Some(DatabaseTarget::Url(secret));
         }
         let parts = [
             "db_host",
@@ -188,6 +194,7 @@ impl Reader<'_> {
             "db_password",
             "db_name",
             "db_sslmode",
+            "db_sslrootcert",
         ];
         if !parts.iter().any(|k| self.origins.contains_key(k)) {
             return None;
@@ -226,8 +233,60 @@ impl Reader<'_> {
                     .then(|| s.to_owned())
                 },
             ),
+            sslrootcert: self.sslrootcert(),
         })
     }
+}
+
+impl Reader<'_> {
+    /// `DB_SSLROOTCERT`: a file that must be there to be read at connect time.
+    fn sslrootcert(&mut self) -> Option<std::path::PathBuf> {
+        let path = std::path::PathBuf::from(self.string("db_sslrootcert")?);
+        if !path.is_file() {
+            self.problem(
+                "db_sslrootcert",
+                format!(
+                    "db_sslrootcert: {} is not a readable file (a PEM file of the CA that signed \
+                     the server's certificate)",
+                    path.display()
+                ),
+            );
+            return None;
+        }
+        Some(path)
+    }
+}
+
+/// What a URL setting that does not parse is told (never its value).
+pub const NOT_A_URL: &str = "not a valid URL (the value is not shown: it may hold a \
+     password). Percent-encode characters such as / ? # @ : % in a user name or password, \
+     e.g. / as %2F";
+
+/// Whether the parser saw the userinfo the user meant: a `/`, `?` or `#` before the
+/// last `@` (an unencoded character in a password) makes part of it look like a path.
+pub fn userinfo_intact(url: &str) -> bool {
+    url.split_once("://").is_none_or(|(_, rest)| {
+        rest.rfind('@')
+            .is_none_or(|at| !rest[..at].contains(['/', '?', '#']))
+    })
+}
+
+/// `MONGO_URI`, checked as the driver will read it.
+pub fn mongo_uri(r: &mut Reader<'_>) -> Option<Secret> {
+    let secret = Secret::new(r.string("mongo_uri")?);
+    if mongodb::options::ConnectionString::parse(secret.expose()).is_err()
+        || !userinfo_intact(secret.expose())
+    {
+        r.problem(
+            "mongo_uri",
+            "mongo_uri: not a MongoDB connection string (mongodb://… or mongodb+srv://…; the \
+             value is not shown: it may hold a password). Percent-encode characters such as \
+             / ? # @ : % in a user name or password"
+                .into(),
+        );
+        return None;
+    }
+    Some(secret)
 }
 
 /// `env=prod,region=eu-1` → pairs; empty gives none.
@@ -246,6 +305,24 @@ pub fn parse_labels(s: &str) -> Option<Vec<(String, String)>> {
             return None;
         }
         out.push((k.to_owned(), v.to_owned()));
+    }
+    Some(out)
+}
+
+/// `https://a.example, http://localhost:3000` → origins, lowercased, as browsers send
+/// them in `Origin` (scheme, host, port; no path).
+pub fn parse_origins(s: &str) -> Option<Vec<String>> {
+    let mut out = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        let url = url::Url::parse(item).ok()?;
+        if !matches!(url.scheme(), "http" | "https")
+            || url.host_str().is_none()
+            || url.path() != "/"
+            || url.query().is_some()
+        {
+            return None;
+        }
+        out.push(url.origin().ascii_serialization());
     }
     Some(out)
 }

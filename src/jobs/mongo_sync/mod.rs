@@ -247,8 +247,14 @@ impl MongoSync {
                         _ => JobError::Failed(message),
                     }
                 })?;
-                options.server_selection_timeout = Some(SERVER_SELECTION_TIMEOUT);
-                options.connect_timeout = Some(SERVER_SELECTION_TIMEOUT);
+                // vigil's bounds, unless the URI sets its own
+                // (`serverSelectionTimeoutMS`, `connectTimeoutMS`).
+                options
+                    .server_selection_timeout
+                    .get_or_insert(SERVER_SELECTION_TIMEOUT);
+                options
+                    .connect_timeout
+                    .get_or_insert(SERVER_SELECTION_TIMEOUT);
                 options.app_name = Some("vigil".into());
                 mongodb::Client::with_options(options)
                     .map_err(|e| JobError::Failed(format!("MongoDB {}: {e}", self.shown_uri())))
