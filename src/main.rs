@@ -40,6 +40,22 @@ enum Command {
     },
     /// Apply the database migrations and exit.
     Migrate,
+    /// Take one host sample, as a system_metrics job with default settings records it
+    /// (through $VIGIL_HOST_ROOT when set), and print it as JSON.
+    Sample,
+    /// Insert demo readings, marked pending, into MongoDB ($MONGO_URI), for the sync.
+    DemoReadings {
+        /// How many.
+        #[arg(long, default_value_t = 500)]
+        count: u32,
+        #[arg(long, default_value = "observability")]
+        database: String,
+        #[arg(long, default_value = "readings")]
+        collection: String,
+        /// Insert nothing when the collection holds any document already.
+        #[arg(long)]
+        if_empty: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,14 +77,24 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         .config
         .or_else(|| env.get("VIGIL_CONFIG").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("jobs.toml"));
-    // Migrations need the database settings only: no jobs file is needed for them
+    // Migrations and demo data need settings only: no jobs file is needed for them
     // (one that exists still lends its `[runner]` table, and must be valid).
-    if matches!(command, Command::Migrate) && !path.exists() {
-        let settings = match config::Settings::load(&[], &env) {
-            Ok(s) => s,
-            Err(diags) => return Ok(report(&diags)),
+    if matches!(
+        command,
+        Command::Migrate | Command::DemoReadings { .. } | Command::Sample
+    ) {
+        let settings = if path.exists() {
+            match config::load(&path, &env, &jobs::Registry::builtin()) {
+                Ok(c) => c.settings,
+                Err(diags) => return Ok(report(&diags)),
+            }
+        } else {
+            match config::Settings::load(&[], &env) {
+                Ok(s) => s,
+                Err(diags) => return Ok(report(&diags)),
+            }
         };
-        let _telemetry = telemetry::init(
+        let telemetry = telemetry::init(
             &telemetry::LogOptions::from_env(&env, telemetry::LogTarget::Stderr)?,
             None,
             &Metrics::new(),
@@ -77,8 +103,55 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             .enable_all()
             .build()
             .context("cannot start the async runtime")?;
-        runtime.block_on(app::migrate(&settings))?;
-        println!("migrations applied");
+        let result = runtime.block_on(async {
+            match command {
+                Command::DemoReadings {
+                    count,
+                    database,
+                    collection,
+                    if_empty,
+                } => {
+                    let uri = settings
+                        .mongo_uri
+                        .clone()
+                        .unwrap_or_else(|| config::Secret::new(jobs::mongo_sync::DEFAULT_URI));
+                    let n = jobs::mongo_sync::demo::insert_readings(
+                        &uri,
+                        &database,
+                        &collection,
+                        count,
+                        if_empty,
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                    if n == 0 && if_empty {
+                        println!("{database}.{collection} holds documents already: none inserted");
+                    } else {
+                        println!("inserted {n} pending readings into {database}.{collection}");
+                    }
+                    Ok::<_, anyhow::Error>(())
+                }
+                Command::Sample => {
+                    let config = jobs::system_metrics::SystemMetricsConfig::default();
+                    let root = settings.host_root.as_deref();
+                    let mut sampler = jobs::system_metrics::Sampler::with_root(&config, root)?;
+                    let sample = tokio::task::spawn_blocking(move || sampler.sample()).await?;
+                    let host = root
+                        .and_then(jobs::system_metrics::host_name)
+                        .unwrap_or_else(|| settings.host.clone());
+                    let out = serde_json::json!({ "host": host, "sample": sample });
+                    println!("{}", serde_json::to_string_pretty(&out)?);
+                    Ok(())
+                }
+                _ => {
+                    app::migrate(&settings).await?;
+                    println!("migrations applied");
+                    Ok(())
+                }
+            }
+        });
+        telemetry.shutdown(LOKI_FLUSH);
+        result?;
         return Ok(ExitCode::SUCCESS);
     }
 
@@ -160,7 +233,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("migrations applied");
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Check | Command::Jobs => Ok(ExitCode::SUCCESS),
+            Command::Check | Command::Jobs | Command::DemoReadings { .. } | Command::Sample => {
+                Ok(ExitCode::SUCCESS)
+            }
         }
     });
     // Last: logs written during shutdown still reach Loki.

@@ -806,3 +806,51 @@ async fn with_no_mongodb_configured_or_local_the_sync_waits_and_says_what_to_set
     let job = jobs::build(&named, &db.deps()).unwrap();
     assert!(job.run(ctx()).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn demo_readings_seed_an_empty_collection_once_and_the_sync_loads_them() {
+    let mongo = MongoServer::start().await;
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let demo = |extra: &[&str]| {
+        let mut args = vec![
+            "demo-readings",
+            "--database",
+            "obs",
+            "--collection",
+            "readings",
+        ];
+        args.extend_from_slice(extra);
+        let out = common::vigil(dir.path(), &args, &[("MONGO_URI", mongo.uri.as_str())])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The stack's one-shot service: seeds an empty collection, and only that.
+    assert!(demo(&["--count", "120", "--if-empty"]).contains("inserted 120"));
+    assert!(demo(&["--count", "120", "--if-empty"]).contains("none inserted"));
+    // `make demo-readings`: more, whatever is there.
+    assert!(demo(&["--count", "30"]).contains("inserted 30"));
+
+    let job = sync_job(&spec(&mongo.uri, ""), &db.store);
+    let outcome = job.run(ctx()).await.unwrap();
+    assert!(
+        matches!(outcome, RunOutcome::Completed { items: Some(150) }),
+        "{outcome:?}"
+    );
+    assert_eq!(rows(&db).await, 150);
+    let pending = mongo
+        .client()
+        .await
+        .database("obs")
+        .collection::<Document>("readings")
+        .count_documents(doc! { "status": "ingested" })
+        .await
+        .unwrap();
+    assert_eq!(pending, 0, "every demo reading is marked processed");
+}

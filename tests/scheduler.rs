@@ -648,6 +648,7 @@ async fn a_program_that_does_not_exist_is_a_permanent_failure() {
         metrics: Default::default(),
         mongo_uri: None,
         env: vigil::config::Environment::capture().unwrap(),
+        host_root: None,
         spool: None,
     };
     let job = vigil::jobs::build(&real, &deps).unwrap();

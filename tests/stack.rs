@@ -162,6 +162,7 @@ command = ["true"]
         metrics: Default::default(),
         mongo_uri: None,
         env: vigil::config::Environment::capture().unwrap(),
+        host_root: None,
         spool: None,
     };
     let kinds: std::collections::BTreeSet<String> =

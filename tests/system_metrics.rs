@@ -61,6 +61,7 @@ async fn a_sample_read_back_from_postgres_is_sane() {
             metrics: Default::default(),
             mongo_uri: None,
             env: vigil::config::Environment::capture().unwrap(),
+            host_root: None,
             spool: None,
         },
     )
@@ -264,6 +265,7 @@ async fn samples_taken_while_postgres_is_down_are_written_in_order_when_it_retur
             metrics: Default::default(),
             mongo_uri: None,
             env: vigil::config::Environment::capture().unwrap(),
+            host_root: None,
             spool: None,
         },
     )
@@ -462,5 +464,89 @@ async fn a_full_buffer_spills_to_disk_instead_of_dropping_and_disk_is_written_fi
         job.queue().spooled_bytes(),
         0,
         "the spool is empty once written"
+    );
+}
+
+/// A host's root as a container sees it mounted at /host: its init's mounts and
+/// network, its processes, its name.
+fn fake_host_root() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for pid in ["1", "2", "300", "4711"] {
+        std::fs::create_dir_all(root.join("proc").join(pid)).unwrap();
+    }
+    // Not processes: only numeric entries count.
+    std::fs::create_dir_all(root.join("proc/sys")).unwrap();
+    std::fs::write(root.join("proc/self"), "").unwrap();
+    std::fs::write(
+        root.join("proc/1/mountinfo"),
+        "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n\
+         23 22 0:21 / /proc rw,nosuid shared:2 - proc proc rw\n\
+         24 22 254:16 / /srv/data rw,relatime shared:3 - xfs /dev/vdb rw\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(root.join("srv/data")).unwrap();
+    std::fs::create_dir_all(root.join("proc/1/net")).unwrap();
+    std::fs::write(
+        root.join("proc/1/net/dev"),
+        "Inter-|   Receive |  Transmit\n\
+         \x20face |bytes packets errs drop fifo frame compressed multicast|bytes packets errs drop fifo colls carrier compressed\n\
+         \x20   lo: 100 1 0 0 0 0 0 0 100 1 0 0 0 0 0 0\n\
+         \x20enp7s0: 9000 90 0 0 0 0 0 0 4000 40 0 0 0 0 0 0\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/hostname"), "far-host\n").unwrap();
+    dir
+}
+
+#[test]
+fn sampling_through_a_host_root_reads_that_hosts_processes_mounts_network_and_name_and_flags_hidden_mounts()
+ {
+    let host = fake_host_root();
+    let config = SystemMetricsConfig::default();
+    let mut sampler =
+        vigil::jobs::system_metrics::Sampler::with_root(&config, Some(host.path())).unwrap();
+    let sample = serde_json::to_value(sampler.sample()).unwrap();
+
+    assert_eq!(sample["processes"], 4, "{sample:#}");
+    // The host's mounts, from its init's mountinfo. This fake root is a plain
+    // directory, not the host's / bind-mounted: its mounts are not really there, and
+    // the sampler says so rather than report the numbers of the file system beneath.
+    assert_eq!(sample["disks"], serde_json::json!([]), "{sample:#}");
+    let unavailable: Vec<(&str, &str)> = sample["disks_unavailable"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["mount"].as_str().unwrap(), d["device"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        unavailable,
+        [("/", "/dev/vda"), ("/srv/data", "/dev/vdb")],
+        "{sample:#}"
+    );
+    assert!(
+        sample["disks_unavailable"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not visible under the host root"),
+        "{sample:#}"
+    );
+    let interfaces: Vec<&str> = sample["network"]["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        interfaces,
+        ["enp7s0"],
+        "loopback is left out by default: {sample:#}"
+    );
+    // This process's cgroup limits are not the host's.
+    assert!(sample["memory"]["cgroup_limit_bytes"].is_null());
+    assert_eq!(
+        vigil::jobs::system_metrics::host_name(host.path()).as_deref(),
+        Some("far-host")
     );
 }

@@ -132,6 +132,7 @@ pub async fn scheduler(
         metrics: metrics.clone(),
         mongo_uri: config.settings.mongo_uri.clone(),
         env: config.env.clone(),
+        host_root: config.settings.host_root.clone(),
         spool: Some(spool),
     };
     let reloader = Arc::new(Reloader::new(

@@ -192,6 +192,8 @@ pub struct Deps {
     pub mongo_uri: Option<crate::config::Secret>,
     /// The environment vigil was started with (programs get only part of it).
     pub env: crate::config::Environment,
+    /// Where the host's root is mounted when vigil runs in a container.
+    pub host_root: Option<std::path::PathBuf>,
     /// Where jobs that buffer rows for PostgreSQL spill them to disk (and how much
     /// each may keep there); `None`: in memory only.
     pub spool: Option<SpoolPlace>,

@@ -92,6 +92,7 @@ impl TestDb {
             metrics: Default::default(),
             mongo_uri: None,
             env: vigil::config::Environment::capture().unwrap(),
+            host_root: None,
             spool: None,
         }
     }

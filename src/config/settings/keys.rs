@@ -69,6 +69,7 @@ pub const KEYS: &[Key] = &[
     ),
     key("spool_max_bytes", "VIGIL_SPOOL_MAX_BYTES", RunnerAndEnv),
     key("pg_bin_dir", "VIGIL_PG_BIN_DIR", RunnerAndEnv),
+    key("host_root", "VIGIL_HOST_ROOT", RunnerAndEnv),
     key("loki_labels", "VIGIL_LOKI_LABELS", RunnerAndEnv),
     key("loki_max_buffer", "VIGIL_LOKI_MAX_BUFFER", RunnerAndEnv),
     key("api_token", "VIGIL_API_TOKEN", EnvOnly),

@@ -54,6 +54,9 @@ pub struct Settings {
     /// Most bytes each spool (under `<data_dir>/spool`) keeps on disk.
     pub spool_max_bytes: u64,
     pub pg_bin_dir: Option<PathBuf>,
+    /// Where the host's root file system is mounted, for host metrics sampled from
+    /// inside a container (as node_exporter's `--path.rootfs`).
+    pub host_root: Option<PathBuf>,
     /// `$PATH`, where the embedded PostgreSQL's binaries are looked for last.
     pub search_path: Option<String>,
     /// With a token, every request that starts work needs `Authorization: Bearer <token>`.
@@ -201,6 +204,7 @@ impl Settings {
             ) as u64,
             pg_bin_dir: r.string("pg_bin_dir").map(PathBuf::from),
             search_path: env.get("PATH").map(str::to_owned),
+            host_root: read::host_root(&mut r),
             api_token: r.string("api_token").map(Secret::new),
             api_reads_open: r.flag("api_reads_open", DEFAULT_API_READS_OPEN),
             metrics_public: r.flag("metrics_public", DEFAULT_METRICS_PUBLIC),
@@ -363,6 +367,20 @@ mod tests {
         let dump = format!("{s:?}");
         assert!(!dump.contains("pw@") && !dump.contains("t0k3n"), "{dump}");
         assert_eq!(s.api_token.unwrap().expose(), "t0k3n");
+    }
+
+    #[test]
+    fn a_host_root_without_the_hosts_proc_is_refused_naming_the_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_str().unwrap().to_owned();
+        let env = Environment::from_pairs([("VIGIL_HOST_ROOT", root.as_str())]);
+        let err = Settings::load(&[], &env).unwrap_err().to_string();
+        assert!(err.contains("VIGIL_HOST_ROOT"), "{err}");
+        assert!(err.contains("holds no proc/1"), "{err}");
+
+        std::fs::create_dir_all(dir.path().join("proc/1")).unwrap();
+        let s = Settings::load(&[], &env).unwrap();
+        assert_eq!(s.host_root.as_deref(), Some(dir.path()));
     }
 
     #[test]

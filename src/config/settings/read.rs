@@ -257,6 +257,23 @@ impl Reader<'_> {
     }
 }
 
+/// `VIGIL_HOST_ROOT`: a directory holding the host's `proc/`.
+pub fn host_root(r: &mut Reader<'_>) -> Option<std::path::PathBuf> {
+    let path = std::path::PathBuf::from(r.string("host_root")?);
+    if !path.join("proc/1").is_dir() {
+        r.problem(
+            "host_root",
+            format!(
+                "host_root: {} holds no proc/1: mount the host's / there (read-only), and its \
+                 /proc with it",
+                path.display()
+            ),
+        );
+        return None;
+    }
+    Some(path)
+}
+
 /// What a URL setting that does not parse is told (never its value).
 pub const NOT_A_URL: &str = "not a valid URL (the value is not shown: it may hold a \
      password). Percent-encode characters such as / ? # @ : % in a user name or password, \

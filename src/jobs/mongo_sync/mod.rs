@@ -9,6 +9,7 @@
 //! - documents that cannot be loaded are marked failed with `sync_error` and kept in
 //!   `sync_rejects`; the rest of the batch goes on.
 
+pub mod demo;
 pub mod transform;
 
 use std::collections::{BTreeMap, HashMap};

@@ -52,11 +52,11 @@ const PSEUDO_FS: &[&str] = &[
     "efivarfs",
 ];
 
-/// Reads `/proc/self/mountinfo` under `root` (`/`, or the host's root mounted into a
-/// container), keeping the visible mount of each mount point, pseudo file systems and
-/// kernel trees (`/sys`, `/proc`, `/dev`) left out.
-pub fn mounts(root: &Path) -> io::Result<Vec<Mount>> {
-    let text = std::fs::read_to_string(root.join("proc/self/mountinfo"))?;
+/// Reads `/proc/<pid>/mountinfo` under `root` (`/` and `self`, or the host's root
+/// mounted into a container and `1`, its init), keeping the visible mount of each mount
+/// point, pseudo file systems and kernel trees (`/sys`, `/proc`, `/dev`) left out.
+pub fn mounts(root: &Path, pid: &str) -> io::Result<Vec<Mount>> {
+    let text = std::fs::read_to_string(root.join("proc").join(pid).join("mountinfo"))?;
     Ok(parse_mountinfo(&text))
 }
 

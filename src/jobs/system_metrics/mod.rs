@@ -30,7 +30,7 @@ use crate::telemetry::metrics::{JobLabels, Metrics};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 pub use sample::{SHAPE_VERSION, Sample};
-pub use sampler::{Sampler, counter_delta};
+pub use sampler::{Sampler, counter_delta, host_name};
 use tokio_util::sync::CancellationToken;
 
 /// Host metrics describe each host: on every replica by default.
@@ -43,15 +43,23 @@ pub const KIND: Kind = Kind {
 
 fn build(spec: &JobSpec, deps: &Deps) -> Result<Arc<dyn Job>, JobError> {
     let c: &SystemMetricsConfig = super::settings(spec)?;
-    let job = SystemMetrics::new(
+    // Sampling the host through its root: its samples carry the host's name, not
+    // the container's (the job's `host` still wins).
+    let sampled = deps
+        .host_root
+        .as_deref()
+        .and_then(sampler::host_name)
+        .unwrap_or_else(|| deps.host.clone());
+    let job = SystemMetrics::sampling(
         &spec.name,
         c,
         deps.store.clone(),
-        &deps.host,
+        &sampled,
         spec.schedule.typical_interval(),
         &deps.metrics,
+        deps.host_root.as_deref(),
     )?;
-    let host = c.host.as_deref().unwrap_or(&deps.host);
+    let host = c.host.as_deref().unwrap_or(&sampled);
     if let Some(spool) = deps
         .spool
         .as_ref()
@@ -396,7 +404,21 @@ impl SystemMetrics {
         interval: Option<Duration>,
         metrics: &Metrics,
     ) -> Result<Self, JobError> {
-        let sampler = Sampler::new(config).map_err(|e| JobError::Failed(e.to_string()))?;
+        Self::sampling(job, config, store, runner_host, interval, metrics, None)
+    }
+
+    /// Like [`SystemMetrics::new`], sampling the host whose root is at `host_root`.
+    pub fn sampling(
+        job: &str,
+        config: &SystemMetricsConfig,
+        store: Store,
+        runner_host: &str,
+        interval: Option<Duration>,
+        metrics: &Metrics,
+        host_root: Option<&std::path::Path>,
+    ) -> Result<Self, JobError> {
+        let sampler =
+            Sampler::with_root(config, host_root).map_err(|e| JobError::Failed(e.to_string()))?;
         let capacity = match &config.buffer {
             Some(b) => *b.get_ref(),
             None => {

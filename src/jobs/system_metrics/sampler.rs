@@ -2,14 +2,13 @@
 //! between samples so CPU usage and every rate cover exactly the time since the
 //! previous sample.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Instant;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use sysinfo::{
-    CpuRefreshKind, MINIMUM_CPU_UPDATE_INTERVAL, Networks, Pid, ProcessRefreshKind,
-    ProcessesToUpdate, System,
+    CpuRefreshKind, MINIMUM_CPU_UPDATE_INTERVAL, Pid, ProcessRefreshKind, ProcessesToUpdate, System,
 };
 use wildmatch::WildMatch;
 
@@ -62,8 +61,10 @@ pub struct Sampler {
     system: System,
     /// Where the host's `/proc` and mounts are seen from (`/` natively).
     root: PathBuf,
+    /// The host's processes as seen from `root`: `self` natively, `1` (the host's
+    /// init, for its mount and network namespaces) through a host root.
+    host_pid: &'static str,
     prober: Prober,
-    networks: Networks,
     pid: Option<Pid>,
     last_at: Instant,
     previous: Previous,
@@ -83,15 +84,24 @@ pub fn counter_delta(prev: u64, now: u64) -> u64 {
 impl Sampler {
     /// Takes the baseline the first sample is measured against.
     pub fn new(config: &SystemMetricsConfig) -> Result<Self, SamplerError> {
+        Self::with_root(config, None)
+    }
+
+    /// Samples the host whose root file system is mounted at `host_root` (in a
+    /// container: `/` of the host mounted read-only, as node_exporter's
+    /// `--path.rootfs`), or this machine with `None`.
+    pub fn with_root(
+        config: &SystemMetricsConfig,
+        host_root: Option<&std::path::Path>,
+    ) -> Result<Self, SamplerError> {
         let system = System::new().map_err(|e| SamplerError(e.to_string()))?;
-        let networks = Networks::new().map_err(|e| SamplerError(e.to_string()))?;
         let mut me = Self {
             collect: config.collect.iter().copied().collect(),
             filters: Filters::new(config),
             system,
-            root: PathBuf::from("/"),
+            root: host_root.map_or_else(|| PathBuf::from("/"), PathBuf::from),
+            host_pid: if host_root.is_some() { "1" } else { "self" },
             prober: Prober::new(disks::statvfs, disks::STAT_TIMEOUT),
-            networks,
             pid: sysinfo::get_current_pid().ok(),
             // Pretend the minimum interval has passed: this baseline is discarded, and
             // start-up should not wait for it.
@@ -140,7 +150,9 @@ impl Sampler {
                 cores: cpus.len(),
                 frequency_mhz: (!freqs.is_empty())
                     .then(|| freqs.iter().sum::<u64>() / freqs.len() as u64),
-                cgroup_limit_cores: cgroup_cpu_limit(),
+                // The limit of this process's cgroup; a host seen through its root
+                // has none of it.
+                cgroup_limit_cores: self.host_pid.eq("self").then(cgroup_cpu_limit).flatten(),
             }
         });
 
@@ -157,8 +169,10 @@ impl Sampler {
                 swap_total_bytes: self.system.total_swap(),
                 swap_used_bytes: self.system.used_swap(),
                 cgroup_limit_bytes: self
-                    .system
-                    .cgroup_limits()
+                    .host_pid
+                    .eq("self")
+                    .then(|| self.system.cgroup_limits())
+                    .flatten()
                     .map(|l| l.total_memory)
                     .filter(|&l| l > 0 && l < total),
             }
@@ -166,7 +180,15 @@ impl Sampler {
 
         let mut unavailable = Vec::new();
         let disks = self.wants(Collect::Disk).then(|| {
-            let mounts = disks::mounts(&self.root).unwrap_or_default();
+            let mounts = disks::mounts(&self.root, self.host_pid).unwrap_or_default();
+            // Through a host root: where the host's mounts appear in this process's view.
+            let visible: Option<HashSet<PathBuf>> = (self.host_pid != "self").then(|| {
+                disks::mounts(Path::new("/"), "self")
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|m| PathBuf::from(m.mount_point))
+                    .collect()
+            });
             let stats = disks::diskstats(&self.root);
             let mut seen = HashMap::new();
             let mut out = Vec::new();
@@ -177,6 +199,26 @@ impl Sampler {
                 }
                 let path = self.root.join(m.mount_point.trim_start_matches('/'));
                 let space = match self.prober.probe(&path) {
+                    // Through a host root, a mount the host made after the root was
+                    // bind-mounted without propagation is not there: the directory
+                    // beneath it is, and its numbers would be another file system's.
+                    Probe::Space(_)
+                        if visible
+                            .as_ref()
+                            .is_some_and(|v| !v.contains(path.as_path())) =>
+                    {
+                        unavailable.push(UnavailableDisk {
+                            error: format!(
+                                "not visible under the host root {} (mount the host's / \
+                                 with rslave propagation)",
+                                self.root.display()
+                            ),
+                            mount: m.mount_point,
+                            device: m.source,
+                            fs: m.fs_type,
+                        });
+                        continue;
+                    }
                     Probe::Space(space) => space,
                     Probe::Failed(error) => {
                         unavailable.push(UnavailableDisk {
@@ -232,23 +274,17 @@ impl Sampler {
         });
 
         let network = self.wants(Collect::Network).then(|| {
-            self.networks.refresh(true);
+            let path = self.root.join("proc").join(self.host_pid).join("net/dev");
+            let counters = std::fs::read_to_string(&path)
+                .map(|t| parse_net_dev(&t))
+                .unwrap_or_default();
             let mut seen = HashMap::new();
             let mut interfaces = Vec::new();
             let mut total = Traffic::default();
-            for (name, data) in self.networks.iter() {
-                let name = name.to_string_lossy().into_owned();
+            for (name, counts) in counters {
                 if !self.filters.keeps_interface(&name) {
                     continue;
                 }
-                let counts = [
-                    data.total_received(),
-                    data.total_transmitted(),
-                    data.total_packets_received(),
-                    data.total_packets_transmitted(),
-                    data.total_errors_on_received(),
-                    data.total_errors_on_transmitted(),
-                ];
                 let traffic = self.previous.interfaces.get(&name).map(|prev| {
                     let d: Vec<u64> = prev
                         .iter()
@@ -308,7 +344,9 @@ impl Sampler {
         let uptime_s = self
             .wants(Collect::Uptime)
             .then(|| System::uptime().unwrap_or(0));
-        let processes = self.wants(Collect::Processes).then(count_processes);
+        let processes = self
+            .wants(Collect::Processes)
+            .then(|| count_processes(&self.root));
 
         let own = self
             .wants(Collect::Own)
@@ -366,10 +404,41 @@ fn pct(part: u64, whole: u64) -> f64 {
     }
 }
 
-/// Processes on the host: the numeric entries of /proc (a directory listing, far
-/// cheaper than reading every process).
-fn count_processes() -> u64 {
-    std::fs::read_dir("/proc")
+/// The name of the host whose root is mounted at `root` (its `/etc/hostname`).
+pub fn host_name(root: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(root.join("etc/hostname")).ok()?;
+    let name = text.trim();
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
+/// `/proc/net/dev`: per interface, cumulative [rx bytes, tx bytes, rx packets, tx
+/// packets, rx errors, tx errors].
+pub fn parse_net_dev(text: &str) -> Vec<(String, [u64; 6])> {
+    let mut out = Vec::new();
+    for line in text.lines().skip(2) {
+        let Some((name, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|n| n.parse().unwrap_or(0))
+            .collect();
+        if f.len() < 11 {
+            continue;
+        }
+        out.push((
+            name.trim().to_owned(),
+            [f[0], f[8], f[1], f[9], f[2], f[10]],
+        ));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Processes on the host: the numeric entries of `/proc` under `root` (a directory
+/// listing, far cheaper than reading every process).
+fn count_processes(root: &std::path::Path) -> u64 {
+    std::fs::read_dir(root.join("proc"))
         .map(|entries| {
             entries
                 .flatten()
@@ -415,6 +484,22 @@ mod tests {
         assert_eq!(counter_delta(100, 100), 0);
         // Interface re-created: the kernel counter restarted at 0 and is now 30.
         assert_eq!(counter_delta(1_000_000, 30), 30);
+    }
+
+    #[test]
+    fn net_dev_gives_each_interfaces_counters() {
+        let text = "Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo: 1000      10    0    0    0     0          0         0     1000      10    0    0    0     0       0          0
+  eth0: 5120      40    1    0    0     0          0         0     8192      35    2    0    0     0       0          0
+";
+        assert_eq!(
+            parse_net_dev(text),
+            [
+                ("eth0".to_owned(), [5120, 8192, 40, 35, 1, 2]),
+                ("lo".to_owned(), [1000, 1000, 10, 10, 0, 0]),
+            ]
+        );
     }
 
     #[test]
