@@ -51,8 +51,10 @@ async fn the_init_script_creates_a_least_privilege_role_that_runs_every_job_kind
     let password = std::fs::read_to_string(dir.path().join("pg/postgres.password")).unwrap();
 
     // As the image's entrypoint would: the superuser runs the script. Twice: idempotent.
-    for _ in 0..2 {
-        let mut cmd = Command::new("sh");
+    // With sh (the entrypoint executes an executable script) and bash (it sources one
+    // that lost its executable bit).
+    for shell in ["sh", "bash"] {
+        let mut cmd = Command::new(shell);
         cmd.arg(repo().join("docker/postgres/01-vigil-role.sh"))
             .env("DB_USER", "server")
             .env("DB_PASSWORD", "app-secret")
@@ -62,7 +64,7 @@ async fn the_init_script_creates_a_least_privilege_role_that_runs_every_job_kind
         let out = cmd.output().expect("run the init script");
         assert!(
             out.status.success(),
-            "{}",
+            "{shell}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -263,8 +265,21 @@ async fn a_logical_backup_restores_what_was_there() {
 fn every_make_target_prints_its_commands() {
     let targets = [
         ("help", None),
-        ("up", Some("up -d")),
-        ("demo", Some("--profile demo up -d")),
+        (
+            "up",
+            Some("--env-file .env -p vigil -f docker/docker-compose.yml"),
+        ),
+        ("demo", Some("MONGO_URI=mongodb://mongo:27017")),
+        (
+            "demo-readings COUNT=7",
+            Some("--profile demo run --rm demo-readings demo-readings --count 7"),
+        ),
+        ("up SEED_VOLUMES=1", Some("-f docker/seed-volumes.yml")),
+        ("backup-mongo_data", Some("vigil_mongo_data:/volume:ro")),
+        (
+            "backup-postgres_data SEED_VOLUMES=1",
+            Some("-v postgres_data:/volume:ro"),
+        ),
         ("down", Some(" down")),
         ("restart", Some(" restart")),
         ("rebuild", Some("build --pull vigil")),
@@ -302,6 +317,7 @@ fn every_make_target_prints_its_commands() {
             Some("scripts/pg-backup.sh restore < backups/vigil-x.dump"),
         ),
         ("test", Some("./scripts/test")),
+        ("stack-test", Some("./scripts/stack-test")),
         ("check", Some("-- check")),
         ("fmt", Some("cargo fmt")),
         ("lint", Some("cargo clippy --all-targets -- -D warnings")),

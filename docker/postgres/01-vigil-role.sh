@@ -7,7 +7,7 @@
 # Runs as the superuser through the image's entrypoint; also runnable by hand:
 #   PGHOST=… PGUSER=postgres DB_PASSWORD=… sh docker/postgres/01-vigil-role.sh
 set -eu
-: "${DB_PASSWORD:?set DB_PASSWORD for vigil's application role}"
+: "${DB_PASSWORD:?set DB_PASSWORD for the application role}"
 DB_USER="${DB_USER:-server}"
 DB_NAME="${DB_NAME:-vigil}"
 
