@@ -1,7 +1,8 @@
 //! vigil: a declarative `jobs.toml` turned into scheduled jobs whose results land in
 //! PostgreSQL. Data flows one way: config → scheduler → jobs → store; telemetry (and
-//! the gateway) stand beside it. See ARCHITECTURE.md.
+//! the gateway) stand beside it; alerts watch the scheduler's runs. See ARCHITECTURE.md.
 
+pub mod alerts;
 pub mod app;
 pub mod config;
 pub mod gateway;

@@ -166,6 +166,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("warning: {w}");
             }
             print!("{}", app::jobs_table(&config.file.jobs, chrono::Utc::now()));
+            print!(
+                "{}",
+                app::alerts_table(&config.file.jobs, &config.file.notifiers)
+            );
             println!(
                 "{}: {} job{} OK",
                 config.file.path.display(),

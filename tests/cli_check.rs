@@ -99,7 +99,7 @@ fn check_rejects_each_bad_fixture_with_a_located_message() {
     let cases: &[(&str, &str)] = &[
         (
             "unknown_key",
-            "tests/fixtures/bad/unknown_key.toml:5:1: job \"prune\": unknown field `cronn`, expected one of `name`, `kind`, `cron`, `timezone`, `every`, `enabled`, `timeout`, `retries`, `overlap`, `catch_up`, `scope`, `settings`",
+            "tests/fixtures/bad/unknown_key.toml:5:1: job \"prune\": unknown field `cronn`, expected one of `name`, `kind`, `cron`, `timezone`, `every`, `enabled`, `timeout`, `retries`, `overlap`, `catch_up`, `scope`, `alert`, `heartbeat_url`, `heartbeat_fail_url`, `settings`",
         ),
         (
             "both_schedules",
@@ -176,6 +176,118 @@ fn check_reports_every_problem_of_a_file_in_one_go() {
             line.starts_with(want.as_str()),
             "got:  {line}\nwant: {want}…"
         );
+    }
+}
+
+#[test]
+fn check_reports_every_alerting_problem_at_its_place() {
+    let (code, _, stderr) = check("tests/fixtures/bad/bad_alerts.toml");
+    assert_eq!(code, 1);
+    let f = "tests/fixtures/bad/bad_alerts.toml";
+    let expected = [
+        format!(
+            "{f}:3:7: notifier \"ops\": `url`: not an http:// or https:// URL (the value is not shown: it may hold a secret)"
+        ),
+        format!(
+            "{f}:4:10: notifier \"ops\": `secret`: environment variable VIGIL_TEST_UNSET_SECRET_ENV is not set"
+        ),
+        format!(
+            "{f}:7:8: notifier \"pager\": unknown notifier kind \"pigeon\", expected one of \"webhook\", \"slack\", \"command\""
+        ),
+        format!(
+            "{f}:10:11: [alerts]: notify: unknown notifier \"opps\"; defined: \"ops\", \"pager\""
+        ),
+        format!(
+            "{f}:16:27: job \"nightly\": unknown variant `exploded`, expected one of `failed`, `timed_out`, `abandoned`, `skipped`"
+        ),
+        format!("{f}:16:54: job \"nightly\": invalid duration \"15 fortnights\""),
+        format!(
+            "{f}:16:88: job \"nightly\": alert.notify: unknown notifier \"chat\"; defined: \"ops\", \"pager\""
+        ),
+        format!("{f}:17:17: job \"nightly\": `heartbeat_url`: not an http:// or https:// URL"),
+        "vigil: 8 problems in the configuration".to_owned(),
+    ];
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), expected.len(), "{stderr}");
+    for (line, want) in lines.iter().zip(&expected) {
+        assert!(
+            line.starts_with(want.as_str()),
+            "got:  {line}\nwant: {want}…"
+        );
+    }
+}
+
+#[test]
+fn check_shows_each_jobs_alert_rule_and_the_notifiers_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::write(
+        dir.path(),
+        "jobs.toml",
+        r#"
+[notifiers.ops]
+kind = "webhook"
+url = "https://hooks.example/vigil/t0k3n-in-the-path"
+secret = "hmac-secret-value"
+
+[notifiers.chat]
+kind = "slack"
+url = { env = "SLACK_URL_FOR_TEST" }
+
+[alerts]
+notify = ["chat"]
+
+[[jobs]]
+name = "nightly"
+kind = "command"
+every = "1h"
+alert = { on = ["failed", "timed_out"], stale_after = "15m", late_after = "2m", notify = ["ops", "chat"] }
+heartbeat_url = "https://hc-ping.example/abc-uuid"
+[jobs.settings]
+command = ["true"]
+
+[[jobs]]
+name = "hourly"
+kind = "command"
+every = "1h"
+[jobs.settings]
+command = ["true"]
+"#,
+    );
+    let out = vigil(
+        dir.path(),
+        &["check", "--config", path.to_str().unwrap()],
+        &[(
+            "SLACK_URL_FOR_TEST",
+            "https://hooks.slack.example/services/T/B/secretpath",
+        )],
+    )
+    .output()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("nightly  on failed, timed_out; stale after 15m; late after 2m; notify ops, chat; heartbeat on success"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("hourly   on failed, timed_out; notify chat"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ops   webhook  https://hooks.example"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("chat  slack    https://hooks.slack.example"),
+        "{stdout}"
+    );
+    for secret in ["t0k3n", "hmac-secret-value", "secretpath", "abc-uuid"] {
+        assert!(!stdout.contains(secret), "{secret} printed:\n{stdout}");
     }
 }
 

@@ -168,6 +168,7 @@ async fn readiness_names_what_is_wrong() {
         guard: gateway::Guard::open(),
         reading_sync_job: "reading-sync".into(),
         reload: None,
+        alerts: None,
     };
     let gw = Gateway::start(state, "127.0.0.1:0".parse().unwrap())
         .await
@@ -858,6 +859,7 @@ async fn a_panicking_handler_is_a_500_and_the_server_keeps_serving() {
         guard: gateway::Guard::open(),
         reading_sync_job: "reading-sync".into(),
         reload: None,
+        alerts: None,
     };
     let real = gateway::api_handler();
     let handler: gateway::Handler = Arc::new(move |state, route, req| {

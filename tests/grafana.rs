@@ -179,6 +179,7 @@ fn the_required_panels_exist() {
         "Last success per job",
         "Failures",
         "Logs of the selected jobs (and run)",
+        "Health",
     ] {
         assert!(titles("vigil-jobs").contains(&t.to_owned()), "{t}");
     }
@@ -305,6 +306,20 @@ async fn seed(db: &TestDb) {
         }
     }
     db.store.upsert_runs(&runs).await.unwrap();
+    // Job health as vigil keeps it, and an open incident.
+    for job in ["host-metrics", "reading-sync", "prune"] {
+        db.store.seed_job_health(job, "", None).await.unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO alert_incidents (id, job, scope_key, kind, opened_at, opened_by, summary,
+             details, notify)
+         VALUES ($1, 'prune', '', 'failed', now() - interval '5 minutes', 'host-a',
+                 'timed_out after 1 attempt', '{}', '{ops}')",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .execute(db.pool())
+    .await
+    .unwrap();
     sqlx::query(
         "INSERT INTO reading_analytics (source_id, payload, occurred_at, synced_at)
          SELECT 'r-' || g, jsonb_build_object('v', g), now() - g * interval '1 minute', now() - g * interval '30 seconds'
@@ -395,4 +410,93 @@ async fn every_sql_query_runs_on_the_schema_and_returns_what_its_panel_needs() {
         }
     }
     assert!(checked >= 30, "{checked} query runs");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_provisioned_alert_rule_queries_the_schema_and_feeds_its_condition() {
+    let path = root().join("alerting/vigil-rules.json");
+    let rules: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+    assert_eq!(rules["apiVersion"], 1);
+    let uids = datasource_uids();
+    let boards: HashMap<String, Value> = dashboards()
+        .into_iter()
+        .map(|(_, d)| (d["uid"].as_str().unwrap().to_owned(), d))
+        .collect();
+    let db = TestDb::new().await;
+    seed(&db).await;
+    let mut titles = Vec::new();
+    for group in rules["groups"].as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
+            let title = rule["title"].as_str().unwrap();
+            titles.push(title.to_owned());
+            assert!(
+                rule["uid"].as_str().unwrap().starts_with("vigil-"),
+                "{title}"
+            );
+            let data = rule["data"].as_array().unwrap();
+            let refs: Vec<&str> = data.iter().map(|d| d["refId"].as_str().unwrap()).collect();
+            assert!(
+                refs.contains(&rule["condition"].as_str().unwrap()),
+                "{title}: condition"
+            );
+            // The dashboard and panel it links to exist.
+            let board = &boards[rule["dashboardUid"].as_str().unwrap()];
+            assert!(
+                board["panels"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["id"] == rule["panelId"]),
+                "{title}: panel {}",
+                rule["panelId"]
+            );
+            for d in data {
+                let ds = d["datasourceUid"].as_str().unwrap();
+                if ds == "__expr__" {
+                    let input = d["model"]["expression"].as_str().unwrap();
+                    assert!(refs.contains(&input), "{title}: expression on {input}");
+                    continue;
+                }
+                assert!(uids.contains(ds), "{title}: datasource {ds}");
+                let sql = d["model"]["rawSql"].as_str().unwrap();
+                let rows = sqlx::query(sql)
+                    .fetch_all(db.pool())
+                    .await
+                    .unwrap_or_else(|e| panic!("{title}: {e}\n{sql}"));
+                assert!(!rows.is_empty(), "{title}: no rows over the seeded data");
+                // One series per job: a text label column and a numeric value.
+                let columns = rows[0].columns();
+                assert_eq!(columns.len(), 2, "{title}");
+                assert_eq!(columns[0].type_info().name(), "TEXT", "{title}: label");
+                assert_eq!(columns[1].type_info().name(), "FLOAT8", "{title}: value");
+                for r in &rows {
+                    let v: Option<f64> = r.try_get(1).unwrap();
+                    assert!(v.is_some(), "{title}: a null value");
+                }
+            }
+        }
+    }
+    assert_eq!(
+        titles,
+        [
+            "vigil: job failures",
+            "vigil: job without a success for an hour"
+        ]
+    );
+    // The failures rule counts only a run's last attempt: the seeded failures and
+    // time-outs, not retries still to come.
+    let failures: Vec<(String, f64)> = sqlx::query_as(
+        rules["groups"][0]["rules"][0]["data"][0]["model"]["rawSql"]
+            .as_str()
+            .unwrap(),
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    let jobs: Vec<&str> = failures.iter().map(|(j, _)| j.as_str()).collect();
+    assert!(
+        jobs.contains(&"reading-sync") && jobs.contains(&"prune"),
+        "{failures:?}"
+    );
 }

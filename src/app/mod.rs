@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::Alerts;
 use crate::config::{Config, Diagnostics, Settings};
 use crate::gateway::{self, Gateway};
 use crate::jobs::{Deps, Registry, SpoolPlace};
@@ -19,7 +20,7 @@ use crate::store::{PoolOptions, Store, StoreError, Target};
 use crate::telemetry::metrics::Metrics;
 
 pub use reload::{Cause, Reloader};
-pub use table::{UPCOMING, jobs_table};
+pub use table::{UPCOMING, alerts_table, jobs_table};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -151,6 +152,7 @@ pub async fn scheduler(
 /// A running vigil: scheduler and gateway over one database.
 pub struct App {
     pub scheduler: Scheduler,
+    pub alerts: Alerts,
     pub metrics: Metrics,
     gateway: Gateway,
     shutdown_grace: Duration,
@@ -180,6 +182,16 @@ impl App {
             tracing::warn!(runs = abandoned, %host, "marked runs left running by an earlier start as abandoned");
         }
         let (scheduler, reloader) = scheduler(config, store, &metrics).await?;
+        // Before the first firing, so every run is seen.
+        let alerts = Alerts::new(
+            store.clone(),
+            scheduler.clone(),
+            metrics.clone(),
+            config.file.notifiers.clone(),
+            &config.env,
+        );
+        alerts.start();
+        reloader.set_alerts(alerts.clone());
         scheduler.start().await?;
         let reload_stop = CancellationToken::new();
         reloader.spawn_triggers(config.settings.watch_config, reload_stop.clone());
@@ -200,6 +212,7 @@ impl App {
             },
             reading_sync_job: config.settings.reading_sync_job.clone(),
             reload: Some(reloader),
+            alerts: Some(alerts.clone()),
         };
         if config.settings.allow_no_token
             && config.settings.api_token.is_none()
@@ -217,6 +230,7 @@ impl App {
             Err(e) => {
                 reload_stop.cancel();
                 scheduler.shutdown(config.settings.shutdown_grace).await;
+                alerts.stop().await;
                 return Err(AppError::Other(e.to_string()));
             }
         };
@@ -230,6 +244,7 @@ impl App {
         );
         Ok(Self {
             scheduler,
+            alerts,
             metrics,
             gateway,
             shutdown_grace: config.settings.shutdown_grace,
@@ -249,6 +264,8 @@ impl App {
         self.reload_stop.cancel();
         let report = self.scheduler.shutdown(self.shutdown_grace).await;
         tracing::info!(abandoned = report.abandoned, "scheduler stopped");
+        // After the scheduler: the last runs' outcomes are queued by now.
+        self.alerts.stop().await;
         self.gateway.stop().await;
     }
 }

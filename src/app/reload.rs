@@ -52,6 +52,8 @@ pub struct Reloader {
     serial: tokio::sync::Mutex<()>,
     /// Digest of the text last read, so file events that change nothing do nothing.
     last_digest: AtomicU64,
+    /// Told the notifiers of each file applied.
+    alerts: std::sync::OnceLock<crate::alerts::Alerts>,
 }
 
 impl Reloader {
@@ -65,7 +67,13 @@ impl Reloader {
             registry,
             serial: tokio::sync::Mutex::new(()),
             last_digest: AtomicU64::new(config.file.digest),
+            alerts: std::sync::OnceLock::new(),
         }
+    }
+
+    /// From now on, each applied file's notifiers go to `alerts`.
+    pub fn set_alerts(&self, alerts: crate::alerts::Alerts) {
+        let _ = self.alerts.set(alerts);
     }
 
     /// Makes the scheduled jobs those of `config`. Fails, changing nothing, if any job
@@ -102,6 +110,11 @@ impl Reloader {
             });
         for w in &config.file.warnings {
             tracing::warn!(warning = %w, "jobs file");
+        }
+        if report.is_ok()
+            && let Some(alerts) = self.alerts.get()
+        {
+            alerts.set_notifiers(config.file.notifiers.clone());
         }
         match &report {
             Ok(r) => tracing::info!(

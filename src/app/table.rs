@@ -2,7 +2,9 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::config::JobSpec;
+use std::collections::BTreeMap;
+
+use crate::config::{JobSpec, Notifier};
 
 /// Fire times shown per job.
 pub const UPCOMING: usize = 3;
@@ -76,6 +78,49 @@ pub fn jobs_table(jobs: &[JobSpec], now: DateTime<Utc>) -> String {
     line(&headers);
     for row in &rows {
         line(&row.each_ref().map(String::as_str));
+    }
+    out
+}
+
+/// Each job's alert rule and heartbeat, then the notifiers (by name, kind and where
+/// they deliver; never a secret). Empty when the file has none.
+pub fn alerts_table(jobs: &[JobSpec], notifiers: &BTreeMap<String, Notifier>) -> String {
+    let mut out = String::new();
+    let with_rules: Vec<&JobSpec> = jobs
+        .iter()
+        .filter(|j| j.alert.is_some() || j.heartbeat.is_some())
+        .collect();
+    if !with_rules.is_empty() {
+        let width = with_rules.iter().map(|j| j.name.len()).max().unwrap_or(0);
+        out.push_str("\nALERTS\n");
+        for j in with_rules {
+            let mut what = j
+                .alert
+                .as_ref()
+                .map_or_else(|| "no alert rule".to_owned(), ToString::to_string);
+            if let Some(hb) = &j.heartbeat {
+                let mut calls = Vec::new();
+                if hb.url.is_some() {
+                    calls.push("on success");
+                }
+                if hb.fail_url.is_some() {
+                    calls.push("on failure");
+                }
+                what.push_str(&format!("; heartbeat {}", calls.join(" and ")));
+            }
+            out.push_str(&format!("{:<width$}  {what}\n", j.name));
+        }
+    }
+    if !notifiers.is_empty() {
+        let width = notifiers.keys().map(String::len).max().unwrap_or(0);
+        out.push_str("\nNOTIFIERS\n");
+        for (name, n) in notifiers {
+            out.push_str(&format!(
+                "{name:<width$}  {:<7}  {}\n",
+                n.kind_name(),
+                n.target()
+            ));
+        }
     }
     out
 }

@@ -12,10 +12,12 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
+use super::alerts::{AlertContext, Notifier, RawAlert, SecretText};
 use super::diagnostic::{Diagnostic, Diagnostics, Origin, SourceMap};
 use super::job::{CatchUp, JobSpec, Overlap, RetryConfig, RetryPolicy, Scope};
 use super::kinds::{Kinds, SettingsReader};
 use super::schedule::{CronExpr, MIN_EVERY, Schedule, TimeZone};
+use super::settings::Environment;
 use super::types::{HumanDuration, Slug};
 
 /// A `[runner]` value, kept with where it was written; `settings` layers it.
@@ -41,6 +43,8 @@ pub struct JobsFile {
     pub digest: u64,
     /// Valid choices worth a second look, located like problems.
     pub warnings: Vec<Diagnostic>,
+    /// `[notifiers.<name>]`, by name.
+    pub notifiers: std::collections::BTreeMap<String, Notifier>,
 }
 
 /// The [`JobsFile::digest`] of `text`.
@@ -53,9 +57,13 @@ pub fn digest(text: &str) -> u64 {
 
 /// Reads and validates `path`. On failure the `[runner]` entries that could be read are
 /// still returned, so settings problems are reported alongside job problems.
-pub fn load(path: &Path, kinds: &dyn Kinds) -> Result<JobsFile, (Diagnostics, Vec<RunnerEntry>)> {
+pub fn load(
+    path: &Path,
+    kinds: &dyn Kinds,
+    env: &Environment,
+) -> Result<JobsFile, (Diagnostics, Vec<RunnerEntry>)> {
     let text = std::fs::read_to_string(path).map_err(|e| (unreadable(path, &e), Vec::new()))?;
-    parse_keeping_runner(path, &text, kinds)
+    parse_keeping_runner(path, &text, kinds, env)
 }
 
 /// The problem reported when the jobs file cannot be read.
@@ -71,9 +79,15 @@ pub fn unreadable(path: &Path, e: &std::io::Error) -> Diagnostics {
     }])
 }
 
-/// Validates `text` as the contents of `path` (used for messages only).
-pub fn parse(path: &Path, text: &str, kinds: &dyn Kinds) -> Result<JobsFile, Diagnostics> {
-    parse_keeping_runner(path, text, kinds).map_err(|(d, _)| d)
+/// Validates `text` as the contents of `path` (used for messages only); secrets named
+/// by `{ env = "…" }` are looked up in `env`.
+pub fn parse(
+    path: &Path,
+    text: &str,
+    kinds: &dyn Kinds,
+    env: &Environment,
+) -> Result<JobsFile, Diagnostics> {
+    parse_keeping_runner(path, text, kinds, env).map_err(|(d, _)| d)
 }
 
 /// Like [`parse`], also returning the `[runner]` entries that could be read on failure.
@@ -81,6 +95,7 @@ pub fn parse_keeping_runner(
     path: &Path,
     text: &str,
     kinds: &dyn Kinds,
+    env: &Environment,
 ) -> Result<JobsFile, (Diagnostics, Vec<RunnerEntry>)> {
     let map = SourceMap::new(path, text);
     let (doc, syntax_errors) = DeTable::parse_recoverable(text);
@@ -97,17 +112,24 @@ pub fn parse_keeping_runner(
     let mut warnings = Vec::new();
     let mut runner = Vec::new();
     let mut jobs_value = None;
+    let (mut notifiers_value, mut alerts_value) = (None, None);
     for (key, value) in doc.into_inner() {
         match key.get_ref().as_ref() {
             "runner" => runner = runner_entries(&map, value, &mut diags),
             "jobs" => jobs_value = Some(value),
+            "notifiers" => notifiers_value = Some(value),
+            "alerts" => alerts_value = Some(value),
             other => diags.push(map.diagnostic(
                 Some(key.span()),
                 None,
-                format!("unknown top-level key `{other}`, expected `runner` or `jobs`"),
+                format!(
+                    "unknown top-level key `{other}`, expected `runner`, `jobs`, `notifiers` or `alerts`"
+                ),
             )),
         }
     }
+    // Before the jobs: their rules name notifiers and inherit the defaults.
+    let alerts = AlertContext::read(&map, notifiers_value, alerts_value, env, &mut diags);
 
     let mut jobs = Vec::new();
     let mut origins: HashMap<String, Origin> = HashMap::new();
@@ -116,9 +138,15 @@ pub fn parse_keeping_runner(
         match value.into_inner() {
             DeValue::Array(items) => {
                 for (index, item) in items.iter().enumerate() {
-                    let Some((spec, name_span)) =
-                        parse_job(&map, kinds, index, item.clone(), &mut diags, &mut warnings)
-                    else {
+                    let Some((spec, name_span)) = parse_job(
+                        &map,
+                        kinds,
+                        &alerts,
+                        index,
+                        item.clone(),
+                        &mut diags,
+                        &mut warnings,
+                    ) else {
                         continue;
                     };
                     if let Some(first) = origins.get(&spec.name) {
@@ -156,6 +184,7 @@ pub fn parse_keeping_runner(
             origins,
             digest: digest(text),
             warnings,
+            notifiers: alerts.notifiers,
         })
     } else {
         diags.sort_by_key(|d| match &d.origin {
@@ -240,6 +269,14 @@ struct RawJob {
     #[serde(default)]
     catch_up: CatchUp,
     scope: Option<Scope>,
+    /// Taken out and read on their own (so their problems are reported whatever else
+    /// is wrong with the job); declared so that unknown-key messages list them.
+    #[serde(default, rename = "alert")]
+    _alert: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "heartbeat_url")]
+    _heartbeat_url: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "heartbeat_fail_url")]
+    _heartbeat_fail_url: Option<serde::de::IgnoredAny>,
     /// Taken out before deserializing and parsed by the job's kind; declared so that
     /// unknown-key messages list it.
     #[serde(default, rename = "settings")]
@@ -261,6 +298,7 @@ fn job_label(index: usize, table: &DeTable<'_>) -> String {
 fn parse_job(
     map: &SourceMap<'_>,
     kinds: &dyn Kinds,
+    alerts: &AlertContext<'_>,
     index: usize,
     item: Spanned<DeValue<'_>>,
     diags: &mut Vec<Diagnostic>,
@@ -279,6 +317,9 @@ fn parse_job(
     let errors_before = diags.len();
     let label = job_label(index, &table);
     let settings = take_key(&mut table, "settings");
+    let alert_value = take_key(&mut table, "alert");
+    let heartbeat_value = take_key(&mut table, "heartbeat_url");
+    let heartbeat_fail_value = take_key(&mut table, "heartbeat_fail_url");
     // Read the kind up front so the settings are checked even if other fields are bad.
     let names = kinds.names();
     let kind: Option<&'static str> = match table.get("kind").map(|k| (k.span(), k.get_ref())) {
@@ -328,6 +369,19 @@ fn parse_job(
         };
         kinds.read_settings(kind, &mut reader)
     });
+    // The alert rule and heartbeat, whatever else is wrong with the job.
+    // What is left of a partly bad `alert` is still checked (its notifier names).
+    let alert_raw: Option<RawAlert> = alert_value
+        .and_then(|v| deserialize_pruning(map, &label, v, diags))
+        .map(|(a, _)| a);
+    let alert = alerts.rule(map, &label, alert_raw, diags);
+    let secret_text = |v: Spanned<DeValue<'_>>, diags: &mut Vec<Diagnostic>| {
+        let span = v.span();
+        deserialize_collecting::<SecretText>(map, &label, v, diags).map(|t| Spanned::new(span, t))
+    };
+    let heartbeat_url = heartbeat_value.and_then(|v| secret_text(v, diags));
+    let heartbeat_fail_url = heartbeat_fail_value.and_then(|v| secret_text(v, diags));
+    let heartbeat = alerts.heartbeat(map, &label, heartbeat_url, heartbeat_fail_url, diags);
     let raw = raw?;
     let job = Some(label.clone());
 
@@ -394,6 +448,17 @@ fn parse_job(
     };
 
     let retries = retry_policy(map, &job, raw.retries.unwrap_or_default(), &header, diags);
+    if let Some(rule) = &alert
+        && rule.is_active()
+        && rule.notify.is_empty()
+    {
+        warnings.push(map.diagnostic(
+            Some(header.clone()),
+            job.clone(),
+            "alert: incidents are recorded and served, but no notifier is told (set \
+             alert.notify, or notify in [alerts])",
+        ));
+    }
 
     if diags.len() > errors_before {
         return None;
@@ -413,6 +478,8 @@ fn parse_job(
             catch_up: raw.catch_up,
             scope: raw.scope.unwrap_or_else(|| kinds.default_scope(kind)),
             settings: settings?,
+            alert,
+            heartbeat,
         },
         raw.name.span(),
     ))
@@ -488,15 +555,29 @@ const MAX_ATTEMPTS_PER_VALUE: usize = 64;
 pub(super) fn deserialize_collecting<'i, T: Deserialize<'i>>(
     map: &SourceMap<'_>,
     label: &str,
-    mut value: Spanned<DeValue<'i>>,
+    value: Spanned<DeValue<'i>>,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<T> {
+    match deserialize_pruning(map, label, value, diags) {
+        Some((v, true)) => Some(v),
+        _ => None,
+    }
+}
+
+/// Like [`deserialize_collecting`], also returning what is left once the bad keys are
+/// removed (`false`: keys were removed), for values whose other parts are still worth
+/// checking (every field optional).
+pub(super) fn deserialize_pruning<'i, T: Deserialize<'i>>(
+    map: &SourceMap<'_>,
+    label: &str,
+    mut value: Spanned<DeValue<'i>>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<(T, bool)> {
     let whole = value.span();
     let mut removed: BTreeSet<String> = BTreeSet::new();
     for _ in 0..MAX_ATTEMPTS_PER_VALUE {
         let err = match T::deserialize(ValueDeserializer::from(value.clone())) {
-            Ok(v) if removed.is_empty() => return Some(v),
-            Ok(_) => return None,
+            Ok(v) => return Some((v, removed.is_empty())),
             Err(e) => e,
         };
         let message = err.message().trim_end().to_owned();
@@ -594,8 +675,13 @@ mod tests {
     #[test]
     fn each_job_is_located_by_its_name() {
         let text = "[[jobs]]\nname = \"a\"\nkind = \"command\"\nevery = \"1s\"\n[jobs.settings]\ncommand = [\"true\"]\n\n[[jobs]]\n  name = 'b'\nkind = \"command\"\nevery = \"1s\"\n[jobs.settings]\ncommand = [\"true\"]\n";
-        let file = parse(Path::new("jobs.toml"), text, &test_kinds::Commands)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let file = parse(
+            Path::new("jobs.toml"),
+            text,
+            &test_kinds::Commands,
+            &Environment::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(file.origins["a"].to_string(), "jobs.toml:2:8");
         assert_eq!(file.origins["b"].to_string(), "jobs.toml:9:10");
         assert_eq!(file.origins.len(), 2);

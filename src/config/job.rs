@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::alerts::{AlertRule, Heartbeat};
 use super::kinds::JobSettings;
 use super::schedule::Schedule;
 use super::types::HumanDuration;
@@ -130,6 +131,10 @@ pub struct JobSpec {
     pub scope: Scope,
     /// The kind's own settings; the kind reads them back with [`JobSettings::get`].
     pub settings: JobSettings,
+    /// When the job's health opens an incident, and who is told (`[alerts]` merged).
+    pub alert: Option<AlertRule>,
+    /// URLs called after each run, for a watcher outside vigil.
+    pub heartbeat: Option<Heartbeat>,
 }
 
 impl JobSpec {

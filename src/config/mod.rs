@@ -2,6 +2,7 @@
 //!
 //! This is the only module that reads the environment or configuration files.
 
+mod alerts;
 mod diagnostic;
 mod file;
 mod job;
@@ -10,6 +11,10 @@ mod schedule;
 mod settings;
 mod types;
 
+pub use alerts::{
+    AlertOn, AlertRule, DEFAULT_ALERT_ON, DEFAULT_NOTIFIER_TIMEOUT, Heartbeat, Notifier,
+    NotifierKind,
+};
 pub use diagnostic::{Diagnostic, Diagnostics, Origin, SourceMap};
 pub use file::{JobsFile, RunnerEntry, Validate, digest, unreadable};
 pub use job::{CatchUp, JobSpec, Overlap, RetryConfig, RetryPolicy, Scope};
@@ -35,7 +40,7 @@ pub struct Config {
 /// Loads `jobs.toml` (its jobs of `kinds`) and the settings layered over it, reporting
 /// every problem at once.
 pub fn load(path: &Path, env: &Environment, kinds: &dyn Kinds) -> Result<Config, Diagnostics> {
-    combine(file::load(path, kinds), env)
+    combine(file::load(path, kinds, env), env)
 }
 
 /// Like [`load`], with the file's contents already read (`text`, as if read from `path`).
@@ -45,7 +50,7 @@ pub fn load_text(
     env: &Environment,
     kinds: &dyn Kinds,
 ) -> Result<Config, Diagnostics> {
-    combine(file::parse_keeping_runner(path, text, kinds), env)
+    combine(file::parse_keeping_runner(path, text, kinds, env), env)
 }
 
 fn combine(
@@ -81,7 +86,8 @@ fn combine(
     }
 }
 
-/// Parses jobs of `kinds` from a string, as if read from `path`; for tests and tools.
+/// Parses jobs of `kinds` from a string, as if read from `path`; for tests and tools
+/// (secrets named by `{ env = "…" }` are not found: there is no environment).
 pub fn parse_jobs(path: &Path, text: &str, kinds: &dyn Kinds) -> Result<JobsFile, Diagnostics> {
-    file::parse(path, text, kinds)
+    file::parse(path, text, kinds, &Environment::default())
 }

@@ -56,6 +56,8 @@ pub struct State {
     pub reading_sync_job: String,
     /// `None` where nothing can be reloaded (`POST /api/reload` answers 503).
     pub reload: Option<Arc<dyn Reload>>,
+    /// Job health; `None`: every job's health is `unknown`.
+    pub alerts: Option<crate::alerts::Alerts>,
 }
 
 /// The gateway's rules of entry.

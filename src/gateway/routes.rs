@@ -44,7 +44,7 @@ macro_rules! route {
 }
 
 /// Every route the gateway answers. The OpenAPI description is tested against it.
-pub static ROUTES: [Route; 14] = [
+pub static ROUTES: [Route; 15] = [
     route!(GET, "/", Open, []),
     route!(GET, "/healthz", Open, []),
     route!(GET, "/readyz", Open, []),
@@ -68,6 +68,12 @@ pub static ROUTES: [Route; 14] = [
         ["wait", "timeout", "force"]
     ),
     route!(GET, "/api/runs/{id}", Read, []),
+    route!(
+        GET,
+        "/api/alerts",
+        Read,
+        ["status", "job", "limit", "cursor"]
+    ),
     route!(POST, "/api/reload", Work, []),
 ];
 
@@ -176,21 +182,21 @@ pub fn handle(state: State, route: &'static Route, req: Request) -> HandlerFutur
                 finish_or_accept(&state, handle, wait).await
             }
             ("GET", "/api/jobs") => {
-                let last = last_runs(&state).await?;
-                let jobs: Vec<Value> = state
-                    .scheduler
-                    .jobs()
-                    .into_iter()
-                    .map(|j| job_view(&j, &last))
-                    .collect();
+                let jobs = state.scheduler.jobs();
+                let names: Vec<String> = jobs.iter().map(|j| j.name.clone()).collect();
+                let last = last_runs(&state, &names).await?;
+                let health = health(&state).await?;
+                let jobs: Vec<Value> = jobs.iter().map(|j| job_view(j, &last, &health)).collect();
                 Ok(Reply::json(StatusCode::OK, json!({ "jobs": jobs })))
             }
             ("GET", "/api/jobs/{name}") => {
                 let name = &req.captures[0];
                 let job = known_job(&state, name)?;
-                let last = last_runs(&state).await?;
-                Ok(Reply::json(StatusCode::OK, job_view(&job, &last)))
+                let last = last_runs(&state, std::slice::from_ref(&job.name)).await?;
+                let health = health(&state).await?;
+                Ok(Reply::json(StatusCode::OK, job_view(&job, &last, &health)))
             }
+            ("GET", "/api/alerts") => alerts(&state, &params).await,
             ("GET", "/api/jobs/{name}/runs") => {
                 let name = &req.captures[0];
                 known_job(&state, name)?;
@@ -452,12 +458,26 @@ async fn flush_ledger(state: &State) {
     }
 }
 
-async fn last_runs(state: &State) -> Result<Vec<RunRecord>, ApiError> {
+async fn last_runs(state: &State, jobs: &[String]) -> Result<Vec<RunRecord>, ApiError> {
     flush_ledger(state).await;
-    Ok(state.store.last_runs().await?)
+    Ok(state.store.last_runs_of(jobs).await?)
 }
 
-fn job_view(job: &JobStatus, last: &[RunRecord]) -> Value {
+async fn health(
+    state: &State,
+) -> Result<std::collections::BTreeMap<String, crate::alerts::JobHealth>, ApiError> {
+    match &state.alerts {
+        Some(alerts) => Ok(alerts.health().await?),
+        None => Ok(std::collections::BTreeMap::new()),
+    }
+}
+
+fn job_view(
+    job: &JobStatus,
+    last: &[RunRecord],
+    health: &std::collections::BTreeMap<String, crate::alerts::JobHealth>,
+) -> Value {
+    let h = health.get(&job.name);
     json!({
         "name": job.name,
         "kind": job.kind,
@@ -469,7 +489,86 @@ fn job_view(job: &JobStatus, last: &[RunRecord]) -> Value {
         "next_fire": job.next_fire,
         "running": job.running,
         "last_run": last.iter().find(|r| r.job == job.name).map(run_view),
+        "health": h.map_or("unknown", |h| h.health.as_str()),
+        "last_success_at": h.and_then(|h| h.last_success_at),
+        "open_incidents": h.map(|h| h.open_incidents.clone()).unwrap_or_default(),
     })
+}
+
+/// `GET /api/alerts`: incidents newest first, with their deliveries.
+async fn alerts(state: &State, params: &Params) -> Result<Reply, ApiError> {
+    let open = match params.string("status") {
+        None | Some("all") => None,
+        Some("open") => Some(true),
+        Some("resolved") => Some(false),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "`status` must be open, resolved or all, got {other:?}"
+            )));
+        }
+    };
+    let limit = params.int("limit", 1, 500)?.unwrap_or(50);
+    let before = params
+        .string("cursor")
+        .map(|c| {
+            c.parse::<Uuid>().map_err(|_| {
+                ApiError::bad_request(format!(
+                    "`cursor` must be an incident id (a UUID), got {c:?}"
+                ))
+            })
+        })
+        .transpose()?;
+    let job = params.string("job");
+    let incidents = state
+        .store
+        .incidents(&crate::store::alerts::IncidentQuery {
+            job,
+            open,
+            before,
+            limit,
+        })
+        .await?;
+    let ids: Vec<Uuid> = incidents.iter().map(|i| i.id).collect();
+    let deliveries = state.store.deliveries_of(&ids).await?;
+    let next = next_cursor(&incidents, limit, |i| i.id.to_string());
+    let views: Vec<Value> = incidents
+        .iter()
+        .map(|i| {
+            json!({
+                "id": i.id,
+                "job": i.job,
+                "scope": i.scope_key,
+                "kind": i.kind,
+                "status": if i.resolved_at.is_some() { "resolved" } else { "open" },
+                "opened_at": i.opened_at,
+                "opened_by": i.opened_by,
+                "run_id": i.run_id,
+                "summary": i.summary,
+                "details": i.details,
+                "notify": i.notify,
+                "resolved_at": i.resolved_at,
+                "resolved_by": i.resolved_by,
+                "resolved_run_id": i.resolved_run_id,
+                "deliveries": deliveries
+                    .iter()
+                    .filter(|d| d.incident_id == i.id)
+                    .map(|d| json!({
+                        "event": d.event,
+                        "notifier": d.notifier,
+                        "attempts": d.attempts,
+                        "due_at": d.due_at,
+                        "delivered_at": d.delivered_at,
+                        "gave_up_at": d.gave_up_at,
+                        "last_error": d.last_error,
+                    }))
+                    .collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(Reply::json(
+        StatusCode::OK,
+        json!({ "incidents": views, "next_cursor": next }),
+    ))
 }
 
 fn run_view(r: &RunRecord) -> Value {

@@ -56,6 +56,24 @@ pub enum TriggerError {
     Stopping,
 }
 
+/// Told when runs start and end, for what watches jobs' health (alerts). Called on the
+/// scheduler's own tasks: implementations hand the event on and return at once.
+pub trait RunObserver: Send + Sync {
+    /// A run's first attempt started.
+    fn started(&self, spec: &JobSpec, run: &RunningRun);
+    /// A run ended for good: after its last attempt, or refused without any.
+    fn finished(&self, spec: &JobSpec, result: &RunResult);
+}
+
+/// A run in progress, as [`JobStatus`] and [`RunObserver::started`] show it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunningRun {
+    pub id: Uuid,
+    pub trigger: Trigger,
+    pub scheduled_at: DateTime<Utc>,
+    pub started_at: DateTime<Utc>,
+}
+
 /// How a whole run (all its attempts) ended.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RunResult {
@@ -70,6 +88,9 @@ pub struct RunResult {
     pub error: Option<String>,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
+    /// The firing it ran for (the trigger's time for manual runs).
+    pub scheduled_at: DateTime<Utc>,
+    pub trigger: Trigger,
 }
 
 /// A started run; await [`RunHandle::finished`] for its outcome.
@@ -110,6 +131,9 @@ pub struct JobStatus {
     pub overlap: String,
     pub next_fire: Option<DateTime<Utc>>,
     pub running: Vec<Uuid>,
+    /// The same runs, with when they were due and started.
+    #[serde(skip)]
+    pub running_runs: Vec<RunningRun>,
     pub scope: Scope,
     /// When the job's current definition took effect (start-up or a reload that added
     /// or changed it); a reload leaves it alone for unchanged jobs.
@@ -156,15 +180,17 @@ struct Active {
     generation: u64,
     cancel: CancellationToken,
     reason: Arc<OnceLock<CancelReason>>,
+    run: RunningRun,
 }
 
 impl Active {
-    fn new(id: Uuid, generation: u64) -> Self {
+    fn new(id: Uuid, generation: u64, run: RunningRun) -> Self {
         Self {
             id,
             generation,
             cancel: CancellationToken::new(),
             reason: Arc::new(OnceLock::new()),
+            run,
         }
     }
 
@@ -211,6 +237,7 @@ struct Inner {
     generation: AtomicU64,
     ticks: Mutex<Option<mpsc::UnboundedReceiver<Tick>>>,
     started: AtomicBool,
+    observers: RwLock<Vec<Arc<dyn RunObserver>>>,
 }
 
 /// The scheduler. Cheap to clone.
@@ -283,12 +310,22 @@ impl Scheduler {
                 generation: AtomicU64::new(0),
                 ticks: Mutex::new(Some(rx)),
                 started: AtomicBool::new(false),
+                observers: RwLock::new(Vec::new()),
             }),
         }
     }
 
     pub fn host(&self) -> &str {
         &self.inner.host
+    }
+
+    /// Tells `observer` of every run's start and end from now on.
+    pub fn observe(&self, observer: Arc<dyn RunObserver>) {
+        self.inner
+            .observers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(observer);
     }
 
     /// Waits until the ledger rows recorded so far are stored, at most `wait`.
@@ -458,6 +495,7 @@ impl Scheduler {
                     overlap: format!("{:?}", slot.spec.overlap).to_lowercase(),
                     next_fire: state.next_due,
                     running: state.running.iter().map(|a| a.id).collect(),
+                    running_runs: state.running.iter().map(|a| a.run.clone()).collect(),
                     scope: slot.spec.scope,
                     applied_at: slot.applied_at,
                 }
@@ -512,6 +550,27 @@ impl Scheduler {
 }
 
 impl Inner {
+    fn observers(&self) -> Vec<Arc<dyn RunObserver>> {
+        self.observers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Tells the observers a run started.
+    fn notify_started(&self, spec: &JobSpec, run: &RunningRun) {
+        for o in self.observers() {
+            o.started(spec, run);
+        }
+    }
+
+    /// Tells the observers a run ended for good.
+    fn notify_finished(&self, spec: &JobSpec, result: &RunResult) {
+        for o in self.observers() {
+            o.finished(spec, result);
+        }
+    }
+
     fn read_slots(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Slot>>> {
         self.slots.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -623,7 +682,16 @@ impl Inner {
             return Err(TriggerError::Stopping);
         }
         let id = Uuid::now_v7();
-        let active = Active::new(id, slot.generation);
+        let active = Active::new(
+            id,
+            slot.generation,
+            RunningRun {
+                id,
+                trigger,
+                scheduled_at,
+                started_at: self.clock.now(),
+            },
+        );
         {
             let mut state = slot.state();
             match slot.spec.overlap {
@@ -709,6 +777,22 @@ impl Inner {
             retry_after_ms: None,
         };
         self.backend.record(record.clone());
+        self.notify_finished(
+            &slot.spec,
+            &RunResult {
+                run_id: id,
+                last_attempt_id: id,
+                job: slot.spec.name.clone(),
+                status,
+                attempts: 1,
+                items: None,
+                error: record.error.clone(),
+                started_at: now,
+                finished_at: now,
+                scheduled_at,
+                trigger,
+            },
+        );
         record
     }
 

@@ -94,6 +94,7 @@ pub(super) async fn govern(
                     status,
                     reason,
                 );
+                // `record_refusal` told the observers.
                 slot.state().running.retain(|a| a.id != firing.id);
                 done.send_replace(Some(RunResult {
                     run_id: firing.id,
@@ -105,6 +106,8 @@ pub(super) async fn govern(
                     error: row.error,
                     started_at: row.started_at,
                     finished_at: row.started_at,
+                    scheduled_at: firing.scheduled_at,
+                    trigger: firing.trigger,
                 }));
                 return;
             }
@@ -135,6 +138,9 @@ pub(super) async fn govern(
             retry_after_ms: None,
         };
         inner.backend.record(record.clone());
+        if attempt == 1 {
+            inner.notify_started(spec, &active.run);
+        }
 
         let span = tracing::info_span!(
             "run",
@@ -202,12 +208,15 @@ pub(super) async fn govern(
             error: ended.error,
             started_at: first_started,
             finished_at: record.finished_at.unwrap_or_else(|| inner.clock.now()),
+            scheduled_at: firing.scheduled_at,
+            trigger: firing.trigger,
         };
     };
     if let Some(lock) = cluster_lock {
         lock.release().await;
     }
     slot.state().running.retain(|a| a.id != firing.id);
+    inner.notify_finished(spec, &result);
     done.send_replace(Some(result));
 }
 

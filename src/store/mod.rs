@@ -1,5 +1,6 @@
 //! The PostgreSQL store: the only module that writes SQL.
 
+pub mod alerts;
 pub mod embedded;
 mod metrics;
 pub mod readings;

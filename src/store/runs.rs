@@ -295,12 +295,20 @@ impl Store {
         rows.iter().map(from_row).collect()
     }
 
-    /// The most recent run of each job, for "last run" views.
-    pub async fn last_runs(&self) -> Result<Vec<RunRecord>, StoreError> {
+    /// The most recent run of each of `jobs`, for "last run" views: one index lookup
+    /// per job (`job_runs_job_started_idx`), never a scan of the ledger.
+    pub async fn last_runs_of(&self, jobs: &[String]) -> Result<Vec<RunRecord>, StoreError> {
+        let columns = COLUMNS
+            .split(',')
+            .map(|c| format!("r.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ");
         let rows = sqlx::query(&format!(
-            "SELECT DISTINCT ON (job) {COLUMNS} FROM job_runs
-             ORDER BY job, started_at DESC, id DESC"
+            "SELECT {columns} FROM unnest($1::text[]) AS j(name)
+             CROSS JOIN LATERAL (SELECT * FROM job_runs WHERE job = j.name
+                                 ORDER BY started_at DESC, id DESC LIMIT 1) r"
         ))
+        .bind(jobs)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(from_row).collect()

@@ -23,6 +23,26 @@ pub struct JobStatusLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobStateLabels {
+    pub job: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NotifierOutcomeLabels {
+    pub notifier: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobOutcomeLabels {
+    pub job: String,
+    pub outcome: String,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub method: String,
     /// The route template (`/api/jobs/{name}`), never the raw path: bounded cardinality.
@@ -68,6 +88,12 @@ pub struct Inner {
     pub loki_events: Counter,
     pub log_lines: Counter,
     pub log_dropped: Counter,
+    pub job_last_success: Family<JobLabels, FloatGauge>,
+    pub job_next_fire: Family<JobLabels, FloatGauge>,
+    pub job_running: Family<JobLabels, Gauge>,
+    pub job_health: Family<JobStateLabels, Gauge>,
+    pub alert_deliveries: Family<NotifierOutcomeLabels, Counter>,
+    pub heartbeats: Family<JobOutcomeLabels, Counter>,
 }
 
 /// The registry and every metric in it. Cheap to clone.
@@ -182,8 +208,50 @@ impl Metrics {
             "Log lines dropped because the reader of stdout (or stderr) fell behind",
             log_dropped.clone(),
         );
+        let job_last_success = Family::<JobLabels, FloatGauge>::default();
+        registry.register(
+            "job_last_success_timestamp_seconds",
+            "When each job last succeeded (Unix time; host-scoped jobs: on this replica)",
+            job_last_success.clone(),
+        );
+        let job_next_fire = Family::<JobLabels, FloatGauge>::default();
+        registry.register(
+            "job_next_fire_timestamp_seconds",
+            "When each job fires next (Unix time)",
+            job_next_fire.clone(),
+        );
+        let job_running = Family::<JobLabels, Gauge>::default();
+        registry.register(
+            "job_running",
+            "Runs of each job going on this replica now",
+            job_running.clone(),
+        );
+        let job_health = Family::<JobStateLabels, Gauge>::default();
+        registry.register(
+            "job_health",
+            "Each job's health: 1 for its state (ok, failing, stale, late, unknown), 0 for the others",
+            job_health.clone(),
+        );
+        let alert_deliveries = Family::<NotifierOutcomeLabels, Counter>::default();
+        registry.register(
+            "alert_deliveries",
+            "Alert delivery attempts by notifier and outcome (delivered, failed, gave_up)",
+            alert_deliveries.clone(),
+        );
+        let heartbeats = Family::<JobOutcomeLabels, Counter>::default();
+        registry.register(
+            "heartbeats",
+            "Heartbeat calls by job and outcome (sent, failed)",
+            heartbeats.clone(),
+        );
         Self(Arc::new(Inner {
             registry,
+            job_last_success,
+            job_next_fire,
+            job_running,
+            job_health,
+            alert_deliveries,
+            heartbeats,
             runs,
             run_duration,
             run_items,
@@ -234,6 +302,81 @@ impl Metrics {
             .get_or_create(&JobStatusLabels {
                 job: job.to_owned(),
                 status: status.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A job's health gauges; `None` times drop the series (never succeeded, no
+    /// next firing).
+    pub fn job_gauges<'a>(
+        &self,
+        job: &str,
+        last_success: Option<f64>,
+        next_fire: Option<f64>,
+        running: i64,
+        state: &str,
+        states: impl Iterator<Item = &'a str>,
+    ) {
+        let labels = JobLabels {
+            job: job.to_owned(),
+        };
+        match last_success {
+            Some(t) => {
+                self.job_last_success.get_or_create(&labels).set(t);
+            }
+            None => {
+                self.job_last_success.remove(&labels);
+            }
+        }
+        match next_fire {
+            Some(t) => {
+                self.job_next_fire.get_or_create(&labels).set(t);
+            }
+            None => {
+                self.job_next_fire.remove(&labels);
+            }
+        }
+        self.job_running.get_or_create(&labels).set(running);
+        for s in states {
+            self.job_health
+                .get_or_create(&JobStateLabels {
+                    job: job.to_owned(),
+                    state: s.to_owned(),
+                })
+                .set(i64::from(s == state));
+        }
+    }
+
+    /// Drops the health series of a job that is no longer configured.
+    pub fn forget_job<'a>(&self, job: &str, states: impl Iterator<Item = &'a str>) {
+        let labels = JobLabels {
+            job: job.to_owned(),
+        };
+        self.job_last_success.remove(&labels);
+        self.job_next_fire.remove(&labels);
+        self.job_running.remove(&labels);
+        for s in states {
+            self.job_health.remove(&JobStateLabels {
+                job: job.to_owned(),
+                state: s.to_owned(),
+            });
+        }
+    }
+
+    pub fn alert_delivery(&self, notifier: &str, outcome: &str) {
+        self.alert_deliveries
+            .get_or_create(&NotifierOutcomeLabels {
+                notifier: notifier.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn heartbeat(&self, job: &str, outcome: &str) {
+        self.heartbeats
+            .get_or_create(&JobOutcomeLabels {
+                job: job.to_owned(),
+                outcome: outcome.to_owned(),
             })
             .inc();
     }

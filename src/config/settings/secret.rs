@@ -115,6 +115,15 @@ impl Secret {
         Self(s)
     }
 
+    /// Wraps `s` and registers all of it for [`redact`]: for URLs whose path is the
+    /// credential (Slack's incoming webhooks, heartbeat pings, signed hooks).
+    pub fn whole(s: impl Into<String>) -> Self {
+        let s = s.into();
+        register(&s);
+        register_secret(&s);
+        Self(s)
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }
