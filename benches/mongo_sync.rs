@@ -147,6 +147,8 @@ async fn main() {
             trigger: vigil::store::Trigger::Manual,
             run_id: uuid::Uuid::now_v7(),
             deadline: tokio::time::Instant::now() + Duration::from_secs(1800),
+            input: None,
+            output: Default::default(),
         })
         .await
         .expect("sync");

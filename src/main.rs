@@ -34,9 +34,13 @@ enum Command {
     Trigger {
         /// The job's name.
         job: String,
-        /// Run it even if it is disabled.
+        /// Run it even if it is disabled or paused.
         #[arg(long)]
         force: bool,
+        /// The run's input: a JSON file, or `-` for standard input (checked against
+        /// the job kind's input schema, as the API checks it).
+        #[arg(long, value_name = "FILE")]
+        input: Option<PathBuf>,
     },
     /// Apply the database migrations and exit.
     Migrate,
@@ -165,7 +169,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             for w in &config.file.warnings {
                 eprintln!("warning: {w}");
             }
-            print!("{}", app::jobs_table(&config.file.jobs, chrono::Utc::now()));
+            print!(
+                "{}",
+                app::jobs_table(&config.file.jobs, chrono::Utc::now(), &config.settings.host)
+            );
             print!(
                 "{}",
                 app::alerts_table(&config.file.jobs, &config.file.notifiers)
@@ -179,7 +186,16 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Command::Jobs => {
-            print!("{}", app::jobs_table(&config.file.jobs, chrono::Utc::now()));
+            print!(
+                "{}",
+                app::jobs_table(&config.file.jobs, chrono::Utc::now(), &config.settings.host)
+            );
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            let pauses = runtime.block_on(app::paused_jobs(&config.settings));
+            print!("{}", app::pauses_table(&pauses));
             return Ok(ExitCode::SUCCESS);
         }
         _ => {}
@@ -223,8 +239,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 app::run(config, metrics, shutdown_signal()).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Trigger { job, force } => {
-                let result = app::trigger(&config, &job, force).await?;
+            Command::Trigger { job, force, input } => {
+                let input = match input {
+                    Some(path) => Some(read_input(&config, &job, &path)?),
+                    None => None,
+                };
+                let result = app::trigger(&config, &job, force, input).await?;
                 println!("{}", serde_json::to_string_pretty(&result)?);
                 Ok(if result.status == RunStatus::Succeeded {
                     ExitCode::SUCCESS
@@ -245,6 +265,41 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     // Last: logs written during shutdown still reach Loki.
     telemetry.shutdown(LOKI_FLUSH);
     result
+}
+
+/// `vigil trigger --input FILE`: the file (or stdin for `-`) as JSON, checked against
+/// the job kind's input schema.
+fn read_input(
+    config: &config::Config,
+    job: &str,
+    path: &std::path::Path,
+) -> anyhow::Result<serde_json::Value> {
+    use std::io::Read as _;
+    let (text, shown) = if path.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading the input from standard input")?;
+        (text, "standard input".to_owned())
+    } else {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the input file {}", path.display()))?;
+        (text, path.display().to_string())
+    };
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{shown}:{}:{}: the input is not JSON: {e}",
+            e.line(),
+            e.column()
+        )
+    })?;
+    let Some(spec) = config.file.jobs.iter().find(|j| j.name == job) else {
+        anyhow::bail!("no job named {job:?} in {}", config.file.path.display());
+    };
+    jobs::Registry::builtin()
+        .check_input(spec.kind, &value)
+        .map_err(|e| anyhow::anyhow!("{shown}: input for job {job:?} (kind {}): {e}", spec.kind))?;
+    Ok(value)
 }
 
 /// Prints every configuration problem, then how many: the exit code says the rest.

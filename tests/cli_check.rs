@@ -99,7 +99,7 @@ fn check_rejects_each_bad_fixture_with_a_located_message() {
     let cases: &[(&str, &str)] = &[
         (
             "unknown_key",
-            "tests/fixtures/bad/unknown_key.toml:5:1: job \"prune\": unknown field `cronn`, expected one of `name`, `kind`, `cron`, `timezone`, `every`, `enabled`, `timeout`, `retries`, `overlap`, `catch_up`, `scope`, `alert`, `heartbeat_url`, `heartbeat_fail_url`, `settings`",
+            "tests/fixtures/bad/unknown_key.toml:5:1: job \"prune\": unknown field `cronn`, expected one of `name`, `kind`, `cron`, `timezone`, `every`, `enabled`, `timeout`, `retries`, `overlap`, `catch_up`, `scope`, `max_concurrency`, `jitter`, `alert`, `heartbeat_url`, `heartbeat_fail_url`, `settings`",
         ),
         (
             "both_schedules",
@@ -349,4 +349,25 @@ fn version_and_help_describe_the_binary() {
     for word in ["run", "check", "jobs", "trigger", "migrate", "--config"] {
         assert!(help.contains(word), "help lacks {word}:\n{help}");
     }
+}
+
+#[test]
+fn check_reports_bad_concurrency_limits_and_jitter_at_their_place() {
+    let (code, _, stderr) = check("tests/fixtures/bad/bad_invocation.toml");
+    assert_eq!(code, 1, "{stderr}");
+    let f = "tests/fixtures/bad/bad_invocation.toml";
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines,
+        vec![
+            format!(
+                "{f}:5:19: job \"forbidding\": max_concurrency limits overlapping runs: it needs overlap = \"allow\" (forbid and replace already allow one run at a time)"
+            ),
+            format!("{f}:14:19: job \"zero\": max_concurrency must be between 1 and 1000, found 0"),
+            format!(
+                "{f}:22:10: job \"jittery\": jitter 1m must be shorter than the time between firings (1m)"
+            ),
+            "vigil: 3 problems in the configuration".to_owned(),
+        ]
+    );
 }

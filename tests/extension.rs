@@ -54,6 +54,7 @@ const ECHO: Kind = Kind {
         let s: &EchoSettings = vigil::jobs::settings(spec)?;
         Ok(Arc::new(Echo(s.message.get_ref().clone())))
     },
+    input: vigil::jobs::InputSpec::NONE,
 };
 
 #[tokio::test(flavor = "multi_thread")]

@@ -169,6 +169,7 @@ async fn readiness_names_what_is_wrong() {
         reading_sync_job: "reading-sync".into(),
         reload: None,
         alerts: None,
+        invoke: Default::default(),
     };
     let gw = Gateway::start(state, "127.0.0.1:0".parse().unwrap())
         .await
@@ -860,6 +861,7 @@ async fn a_panicking_handler_is_a_500_and_the_server_keeps_serving() {
         reading_sync_job: "reading-sync".into(),
         reload: None,
         alerts: None,
+        invoke: Default::default(),
     };
     let real = gateway::api_handler();
     let handler: gateway::Handler = Arc::new(move |state, route, req| {

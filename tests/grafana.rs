@@ -302,6 +302,8 @@ async fn seed(db: &TestDb) {
                 host: "host-a".into(),
                 permanent: false,
                 retry_after_ms: None,
+                input: None,
+                output: None,
             });
         }
     }

@@ -357,6 +357,8 @@ fn past_firing(job: &str, at: DateTime<Utc>) -> RunRecord {
         host: "h".into(),
         permanent: false,
         retry_after_ms: None,
+        input: None,
+        output: None,
     }
 }
 

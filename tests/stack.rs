@@ -27,6 +27,8 @@ fn ctx(job: &str) -> RunContext {
         trigger: vigil::store::Trigger::Manual,
         run_id: uuid::Uuid::now_v7(),
         deadline: tokio::time::Instant::now() + Duration::from_secs(120),
+        input: None,
+        output: Default::default(),
     }
 }
 

@@ -38,6 +38,8 @@ fn ctx() -> RunContext {
         trigger: vigil::store::Trigger::Manual,
         run_id: uuid::Uuid::now_v7(),
         deadline: tokio::time::Instant::now() + Duration::from_secs(60),
+        input: None,
+        output: Default::default(),
     }
 }
 

@@ -10,6 +10,7 @@
 //! Who opens or resolves an incident is decided in PostgreSQL (a unique index on open
 //! incidents, and a per-job advisory lock), never by which replica saw what first.
 
+pub mod callbacks;
 pub mod notify;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -944,10 +945,13 @@ mod tests {
                     trigger: crate::store::Trigger::Schedule,
                     scheduled_at: *at,
                     started_at: *at,
+                    input: None,
                 })
                 .collect(),
             scope: Scope::Cluster,
             applied_at: Utc::now(),
+            paused: None,
+            max_concurrency: None,
         }
     }
 

@@ -90,7 +90,7 @@ pub async fn send(
             if let Some(secret) = secret {
                 req = req.header(SIGNATURE_HEADER, signature(secret.expose(), &body));
             }
-            post(req.body(body)).await
+            post_request(req.body(body)).await
         }
         NotifierKind::Slack { url } => {
             let body = serde_json::to_vec(&slack_body(payload)).map_err(|e| Failure {
@@ -102,7 +102,7 @@ pub async fn send(
                 .timeout(notifier.timeout)
                 .header("content-type", "application/json")
                 .body(body);
-            post(req).await
+            post_request(req).await
         }
         NotifierKind::Command { command, env } => {
             run_program(
@@ -119,7 +119,8 @@ pub async fn send(
     }
 }
 
-async fn post(req: reqwest::RequestBuilder) -> Result<Delivered, Failure> {
+/// Sends a prepared POST; 2xx is delivered.
+pub async fn post_request(req: reqwest::RequestBuilder) -> Result<Delivered, Failure> {
     match req.send().await {
         Ok(resp) => {
             let status = resp.status();

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::alerts::Alerts;
+use crate::alerts::callbacks::Callbacks;
 use crate::config::{Config, Diagnostics, Settings};
 use crate::gateway::{self, Gateway};
 use crate::jobs::{Deps, Registry, SpoolPlace};
@@ -20,7 +21,7 @@ use crate::store::{PoolOptions, Store, StoreError, Target};
 use crate::telemetry::metrics::Metrics;
 
 pub use reload::{Cause, Reloader};
-pub use table::{UPCOMING, alerts_table, jobs_table};
+pub use table::{UPCOMING, alerts_table, jobs_table, pauses_table};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -153,6 +154,8 @@ pub async fn scheduler(
 pub struct App {
     pub scheduler: Scheduler,
     pub alerts: Alerts,
+    /// Run callbacks; `None` while `VIGIL_CALLBACK_ALLOW` names no host.
+    callbacks: Option<Callbacks>,
     pub metrics: Metrics,
     gateway: Gateway,
     shutdown_grace: Duration,
@@ -192,8 +195,32 @@ impl App {
         );
         alerts.start();
         reloader.set_alerts(alerts.clone());
-        scheduler.start().await?;
+        let callbacks = (!config.settings.callback_allow.is_empty()).then(|| {
+            Callbacks::new(
+                store.clone(),
+                host,
+                metrics.clone(),
+                config.settings.callback_secret.clone(),
+            )
+        });
+        if let Some(callbacks) = &callbacks {
+            callbacks.start(&scheduler);
+            callbacks.recover_abandoned().await;
+        }
+        // Pauses live in PostgreSQL: known before the first firing, then followed.
+        match store.pauses().await {
+            Ok(pauses) => scheduler.set_pauses(pauses),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the paused jobs; none paused until PostgreSQL answers")
+            }
+        }
         let reload_stop = CancellationToken::new();
+        tokio::spawn(follow_pauses(
+            store.clone(),
+            scheduler.clone(),
+            reload_stop.clone(),
+        ));
+        scheduler.start().await?;
         reloader.spawn_triggers(config.settings.watch_config, reload_stop.clone());
         let state = gateway::State {
             scheduler: scheduler.clone(),
@@ -213,6 +240,12 @@ impl App {
             reading_sync_job: config.settings.reading_sync_job.clone(),
             reload: Some(reloader),
             alerts: Some(alerts.clone()),
+            invoke: gateway::Invoke {
+                kinds: Registry::builtin(),
+                max_input_bytes: config.settings.max_input_bytes,
+                callback_allow: config.settings.callback_allow.clone(),
+                callbacks: callbacks.clone(),
+            },
         };
         if config.settings.allow_no_token
             && config.settings.api_token.is_none()
@@ -231,6 +264,9 @@ impl App {
                 reload_stop.cancel();
                 scheduler.shutdown(config.settings.shutdown_grace).await;
                 alerts.stop().await;
+                if let Some(callbacks) = &callbacks {
+                    callbacks.stop().await;
+                }
                 return Err(AppError::Other(e.to_string()));
             }
         };
@@ -245,6 +281,7 @@ impl App {
         Ok(Self {
             scheduler,
             alerts,
+            callbacks,
             metrics,
             gateway,
             shutdown_grace: config.settings.shutdown_grace,
@@ -266,7 +303,37 @@ impl App {
         tracing::info!(abandoned = report.abandoned, "scheduler stopped");
         // After the scheduler: the last runs' outcomes are queued by now.
         self.alerts.stop().await;
+        if let Some(callbacks) = &self.callbacks {
+            callbacks.stop().await;
+        }
         self.gateway.stop().await;
+    }
+}
+
+/// How often a replica re-reads the paused jobs: a pause made through another
+/// replica's API is obeyed here within this.
+pub const PAUSES_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps the scheduler's paused jobs equal to PostgreSQL's; through an outage the
+/// last known pauses stay in force.
+async fn follow_pauses(store: Store, scheduler: Scheduler, stop: CancellationToken) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(PAUSES_EVERY) => {}
+            () = stop.cancelled() => return,
+        }
+        match store.pauses().await {
+            Ok(pauses) => {
+                failing = false;
+                scheduler.set_pauses(pauses);
+            }
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "cannot read the paused jobs; keeping the last known");
+            }
+            Err(_) => {}
+        }
     }
 }
 
@@ -290,12 +357,24 @@ pub async fn run(
 }
 
 /// `vigil trigger JOB`: one run, in this process, recorded in the ledger.
-pub async fn trigger(config: &Config, job: &str, force: bool) -> Result<RunResult, AppError> {
+pub async fn trigger(
+    config: &Config,
+    job: &str,
+    force: bool,
+    input: Option<serde_json::Value>,
+) -> Result<RunResult, AppError> {
     let db = Database::open(&config.settings).await?;
     let result = async {
         db.store.migrate().await?;
         let (scheduler, _) = scheduler(config, &db.store, &Metrics::new()).await?;
-        let mut handle = scheduler.trigger(job, force)?;
+        // A paused job is paused for the command line too, unless forced.
+        scheduler.set_pauses(db.store.pauses().await?);
+        let invocation = crate::scheduler::Invocation {
+            input: input.map(Arc::new),
+            run_id: None,
+            force,
+        };
+        let mut handle = scheduler.invoke(job, invocation).await?;
         let result = handle.finished().await;
         // The same shutdown as `vigil run`'s: jobs flush what they queued (a host
         // sample), the ledger is written (or spooled), the timer stops quietly.
@@ -310,6 +389,71 @@ pub async fn trigger(config: &Config, job: &str, force: bool) -> Result<RunResul
     .await;
     db.close().await;
     result
+}
+
+/// What `vigil jobs` knows of paused jobs.
+pub enum Pauses {
+    Known(std::collections::BTreeMap<String, Option<chrono::DateTime<chrono::Utc>>>),
+    /// Why not (no database answered, or the embedded one is not running).
+    Unknown(String),
+}
+
+/// How long `vigil jobs` waits for the database before printing the table without
+/// pauses.
+const JOBS_DB_WAIT: Duration = Duration::from_secs(3);
+
+/// The paused jobs, from the configured database or the embedded one when it runs
+/// already; never starts a server.
+pub async fn paused_jobs(settings: &Settings) -> Pauses {
+    let result = async {
+        let (target, _embedded) = match &settings.database {
+            Some(target) => (Target::from_settings(target)?, None),
+            None => {
+                let (data_dir, bin, path) = (
+                    settings.data_dir.clone(),
+                    settings.pg_bin_dir.clone(),
+                    settings.search_path.clone(),
+                );
+                let adopted = tokio::task::spawn_blocking(move || {
+                    EmbeddedPostgres::adopt_running(
+                        &data_dir,
+                        bin.as_deref(),
+                        path.as_deref().map(std::ffi::OsStr::new),
+                    )
+                })
+                .await
+                .map_err(|e| AppError::Other(e.to_string()))??;
+                let Some(pg) = adopted else {
+                    return Ok(None);
+                };
+                let target = Target {
+                    options: pg.connect_options(embedded::DATABASE),
+                    display: pg.describe(),
+                };
+                (target, Some(pg))
+            }
+        };
+        let pool = PoolOptions {
+            max_connections: 1,
+            acquire_timeout: JOBS_DB_WAIT,
+            ..PoolOptions::default()
+        };
+        let store = Store::connect_with(&target, &pool, JOBS_DB_WAIT).await?;
+        let pauses = store.pauses().await;
+        store.close().await;
+        Ok::<_, AppError>(Some(pauses?))
+    };
+    match tokio::time::timeout(JOBS_DB_WAIT * 2, result).await {
+        Ok(Ok(Some(p))) => Pauses::Known(p),
+        Ok(Ok(None)) => Pauses::Unknown(
+            "the embedded PostgreSQL is not running (it runs with `vigil run`)".into(),
+        ),
+        Ok(Err(e)) => Pauses::Unknown(crate::config::redact(&e.to_string()).into_owned()),
+        Err(_) => Pauses::Unknown(format!(
+            "PostgreSQL did not answer within {}s",
+            (JOBS_DB_WAIT * 2).as_secs()
+        )),
+    }
 }
 
 /// `vigil migrate`.

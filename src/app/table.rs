@@ -9,7 +9,9 @@ use crate::config::{JobSpec, Notifier};
 /// Fire times shown per job.
 pub const UPCOMING: usize = 3;
 
-pub fn jobs_table(jobs: &[JobSpec], now: DateTime<Utc>) -> String {
+/// The jobs and their next fire times on `host` (with its jitter, when the job has
+/// one).
+pub fn jobs_table(jobs: &[JobSpec], now: DateTime<Utc>, host: &str) -> String {
     let headers = [
         "NAME",
         "KIND",
@@ -22,7 +24,13 @@ pub fn jobs_table(jobs: &[JobSpec], now: DateTime<Utc>) -> String {
     let mut rows: Vec<[String; 7]> = Vec::new();
     for job in jobs {
         // Shown for disabled jobs too: it is how to check a schedule before enabling it.
-        let upcoming = job.schedule.upcoming(now, UPCOMING);
+        let jitter = chrono::Duration::from_std(job.jitter_on(host)).unwrap_or_default();
+        let upcoming: Vec<DateTime<Utc>> = job
+            .schedule
+            .upcoming(now, UPCOMING)
+            .into_iter()
+            .map(|t| t + jitter)
+            .collect();
         let tz = job.schedule.tz();
         let fmt_utc = |t: &DateTime<Utc>| t.format("%Y-%m-%d %H:%M:%SZ").to_string();
         let fmt_local = |t: &DateTime<Utc>| {
@@ -80,6 +88,26 @@ pub fn jobs_table(jobs: &[JobSpec], now: DateTime<Utc>) -> String {
         line(&row.each_ref().map(String::as_str));
     }
     out
+}
+
+/// `vigil jobs`: which jobs are paused (through the API), or why that is not known.
+pub fn pauses_table(pauses: &super::Pauses) -> String {
+    match pauses {
+        super::Pauses::Unknown(why) => format!("\nPAUSED: not known here: {why}\n"),
+        super::Pauses::Known(p) if p.is_empty() => "\nPAUSED: none\n".to_owned(),
+        super::Pauses::Known(p) => {
+            let width = p.keys().map(String::len).max().unwrap_or(0);
+            let mut out = "\nPAUSED\n".to_owned();
+            for (job, until) in p {
+                let until = until.map_or_else(
+                    || "until resumed".to_owned(),
+                    |u| format!("until {}", u.format("%Y-%m-%d %H:%M:%SZ")),
+                );
+                out.push_str(&format!("{job:<width$}  {until}\n"));
+            }
+            out
+        }
+    }
 }
 
 /// Each job's alert rule and heartbeat, then the notifiers (by name, kind and where

@@ -269,6 +269,8 @@ struct RawJob {
     #[serde(default)]
     catch_up: CatchUp,
     scope: Option<Scope>,
+    max_concurrency: Option<Spanned<u32>>,
+    jitter: Option<Spanned<HumanDuration>>,
     /// Taken out and read on their own (so their problems are reported whatever else
     /// is wrong with the job); declared so that unknown-key messages list them.
     #[serde(default, rename = "alert")]
@@ -448,6 +450,40 @@ fn parse_job(
     };
 
     let retries = retry_policy(map, &job, raw.retries.unwrap_or_default(), &header, diags);
+    if let Some(n) = &raw.max_concurrency {
+        if !(1..=JobSpec::MAX_CONCURRENCY_LIMIT).contains(n.get_ref()) {
+            diags.push(map.diagnostic(
+                Some(n.span()),
+                job.clone(),
+                format!(
+                    "max_concurrency must be between 1 and {}, found {}",
+                    JobSpec::MAX_CONCURRENCY_LIMIT,
+                    n.get_ref()
+                ),
+            ));
+        } else if raw.overlap != Overlap::Allow {
+            diags.push(map.diagnostic(
+                Some(n.span()),
+                job.clone(),
+                "max_concurrency limits overlapping runs: it needs overlap = \"allow\" \
+                 (forbid and replace already allow one run at a time)",
+            ));
+        }
+    }
+    if let (Some(jitter), Some(schedule)) = (&raw.jitter, &schedule)
+        && let Some(interval) = schedule.typical_interval()
+        && jitter.get_ref().get() >= interval
+    {
+        diags.push(map.diagnostic(
+            Some(jitter.span()),
+            job.clone(),
+            format!(
+                "jitter {} must be shorter than the time between firings ({})",
+                jitter.get_ref(),
+                humantime::format_duration(interval)
+            ),
+        ));
+    }
     if let Some(rule) = &alert
         && rule.is_active()
         && rule.notify.is_empty()
@@ -480,6 +516,8 @@ fn parse_job(
             settings: settings?,
             alert,
             heartbeat,
+            max_concurrency: raw.max_concurrency.map(Spanned::into_inner),
+            jitter: raw.jitter.map(|j| j.into_inner().get()),
         },
         raw.name.span(),
     ))

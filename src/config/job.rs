@@ -135,17 +135,67 @@ pub struct JobSpec {
     pub alert: Option<AlertRule>,
     /// URLs called after each run, for a watcher outside vigil.
     pub heartbeat: Option<Heartbeat>,
+    /// With `overlap = "allow"`: at most this many runs at once (across replicas for
+    /// `cluster` jobs); beyond it a manual trigger is refused (429), a firing skipped.
+    pub max_concurrency: Option<u32>,
+    /// Up to this much delay after each firing's instant, fixed per job and host, so
+    /// many jobs and replicas do not all start in the same second.
+    pub jitter: Option<Duration>,
 }
 
 impl JobSpec {
     /// A run that never ends would block a `forbid` job forever; ten minutes is long
     /// for any periodic job and short enough to notice.
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+    /// More concurrent runs than this is a typo, not a plan (each cluster slot is a
+    /// PostgreSQL advisory lock).
+    pub const MAX_CONCURRENCY_LIMIT: u32 = 1000;
+
+    /// This job's delay on `host`: the same on every start and every build (FNV-1a of
+    /// job and host), below `jitter`.
+    pub fn jitter_on(&self, host: &str) -> Duration {
+        let Some(jitter) = self.jitter else {
+            return Duration::ZERO;
+        };
+        let mut h = 0xcbf2_9ce4_8422_2325_u64;
+        for b in self.name.bytes().chain([0]).chain(host.bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        let span = u64::try_from(jitter.as_millis()).unwrap_or(u64::MAX).max(1);
+        Duration::from_millis(h % span)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jitter_is_stable_per_job_and_host_and_below_its_bound() {
+        let text = "[[jobs]]\nname = \"a\"\nkind = \"command\"\nevery = \"1m\"\njitter = \"30s\"\n[jobs.settings]\ncommand = [\"true\"]\n";
+        let spec = super::super::file::parse(
+            std::path::Path::new("t.toml"),
+            text,
+            &super::super::file::test_kinds::Commands,
+            &super::super::settings::Environment::default(),
+        )
+        .unwrap()
+        .jobs
+        .remove(0);
+        let a = spec.jitter_on("host-a");
+        assert_eq!(a, spec.jitter_on("host-a"), "stable");
+        assert_eq!(
+            a.as_millis(),
+            6_400,
+            "pinned: every build, replica and restart agree"
+        );
+        let spread: std::collections::BTreeSet<u128> = (0..50)
+            .map(|i| spec.jitter_on(&format!("host-{i}")).as_millis())
+            .collect();
+        assert!(spread.len() > 40, "hosts spread out: {spread:?}");
+        assert!(spread.iter().all(|ms| *ms < 30_000));
+    }
 
     #[test]
     fn backoff_doubles_from_the_initial_value_up_to_the_cap() {

@@ -21,8 +21,8 @@ pub use job::{CatchUp, JobSpec, Overlap, RetryConfig, RetryPolicy, Scope};
 pub use kinds::{JobSettings, Kinds, SettingsReader};
 pub use schedule::{CronExpr, Schedule, TimeZone};
 pub use settings::{
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_WAITING, DatabaseTarget, Environment, Secret, Settings,
-    parse_bytes, redact, redact_url, register_secret,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_WAITING, DatabaseTarget,
+    Environment, Secret, Settings, parse_bytes, redact, redact_url, register_secret,
 };
 pub use types::{HumanDuration, Ident, Slug};
 

@@ -8,6 +8,7 @@
 //! trigger asks the scheduler, so manual runs obey overlap, timeout and ledger rules.
 
 mod error;
+mod invoke;
 mod params;
 mod routes;
 
@@ -58,6 +59,73 @@ pub struct State {
     pub reload: Option<Arc<dyn Reload>>,
     /// Job health; `None`: every job's health is `unknown`.
     pub alerts: Option<crate::alerts::Alerts>,
+    /// What invoking a job with input needs.
+    pub invoke: Invoke,
+}
+
+/// Invoking jobs like functions: the kinds' input checks, the input bound, and where
+/// callbacks may go.
+#[derive(Clone)]
+pub struct Invoke {
+    pub kinds: crate::jobs::Registry,
+    pub max_input_bytes: usize,
+    pub callback_allow: Vec<String>,
+    /// `None`: a `Callback-Url` is refused.
+    pub callbacks: Option<crate::alerts::callbacks::Callbacks>,
+}
+
+impl Default for Invoke {
+    fn default() -> Self {
+        Self {
+            kinds: crate::jobs::Registry::builtin(),
+            max_input_bytes: crate::config::DEFAULT_MAX_INPUT_BYTES,
+            callback_allow: Vec::new(),
+            callbacks: None,
+        }
+    }
+}
+
+type Chunks = Pin<Box<dyn futures::Stream<Item = Result<Vec<u8>, String>> + Send>>;
+
+/// A request's body, read on demand (most routes take none).
+pub struct Body(Option<Chunks>);
+
+impl Body {
+    pub fn empty() -> Self {
+        Self(None)
+    }
+
+    /// warp's body stream, read only when a handler asks.
+    fn stream<S, B>(stream: S) -> Self
+    where
+        S: futures::Stream<Item = Result<B, warp::Error>> + Send + 'static,
+        B: warp::Buf,
+    {
+        use futures::StreamExt as _;
+        Self(Some(Box::pin(stream.map(|chunk| {
+            chunk
+                .map(|mut b| b.copy_to_bytes(b.remaining()).to_vec())
+                .map_err(|e| e.to_string())
+        }))))
+    }
+
+    /// The whole body, or 413 past `limit` bytes (the rest is not read).
+    pub async fn read(self, limit: usize) -> Result<Vec<u8>, ApiError> {
+        use futures::StreamExt as _;
+        let Some(mut stream) = self.0 else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
+            if out.len() + chunk.len() > limit {
+                return Err(invoke::too_large(limit));
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
 }
 
 /// The gateway's rules of entry.
@@ -105,6 +173,7 @@ pub struct Request {
     pub headers: HeaderMap,
     /// Values of the `{…}` segments of the matched route, in order.
     pub captures: Vec<String>,
+    pub body: Body,
 }
 
 /// A reply: JSON unless `text` is set.
@@ -184,14 +253,17 @@ impl Gateway {
             .and(warp::path::full())
             .and(warp::query::raw().or(warp::any().map(String::new)).unify())
             .and(warp::header::headers_cloned())
+            .and(warp::body::stream())
             .and_then(
                 move |method: Method,
                       path: warp::path::FullPath,
                       query: String,
-                      headers: HeaderMap| {
+                      headers: HeaderMap,
+                      body| {
                     let state = state.clone();
                     let handler = handler.clone();
                     async move {
+                        let body = Body::stream(body);
                         Ok::<_, Infallible>(
                             dispatch(
                                 state,
@@ -200,6 +272,7 @@ impl Gateway {
                                 path.as_str().to_owned(),
                                 query,
                                 headers,
+                                body,
                             )
                             .await,
                         )
@@ -300,6 +373,7 @@ async fn dispatch(
     path: String,
     query: String,
     headers: HeaderMap,
+    body: Body,
 ) -> warp::reply::Response {
     let started = Instant::now();
     // HEAD is GET without a body (hyper drops the body).
@@ -336,6 +410,7 @@ async fn dispatch(
                         query,
                         headers,
                         captures,
+                        body,
                     };
                     let fut = handler(state.clone(), route, request);
                     match AssertUnwindSafe(fut).catch_unwind().await {

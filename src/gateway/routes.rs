@@ -7,6 +7,7 @@ use uuid::Uuid;
 use warp::http::{Method, StatusCode, header};
 
 use super::error::ApiError;
+use super::invoke;
 use super::params::Params;
 use super::{HandlerFuture, Reply, Request, State};
 use crate::scheduler::{JobStatus, RunHandle, RunResult, TriggerError};
@@ -44,7 +45,7 @@ macro_rules! route {
 }
 
 /// Every route the gateway answers. The OpenAPI description is tested against it.
-pub static ROUTES: [Route; 15] = [
+pub static ROUTES: [Route; 18] = [
     route!(GET, "/", Open, []),
     route!(GET, "/healthz", Open, []),
     route!(GET, "/readyz", Open, []),
@@ -67,7 +68,10 @@ pub static ROUTES: [Route; 15] = [
         Work,
         ["wait", "timeout", "force"]
     ),
+    route!(POST, "/api/jobs/{name}/pause", Work, ["until"]),
+    route!(POST, "/api/jobs/{name}/resume", Work, []),
     route!(GET, "/api/runs/{id}", Read, []),
+    route!(GET, "/api/runs/{id}/output", Read, []),
     route!(
         GET,
         "/api/alerts",
@@ -126,13 +130,13 @@ fn percent_decode(s: &str) -> String {
 pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// Longest a request may hold a connection waiting for a run, in seconds.
-const MAX_WAIT_S: i64 = 600;
+pub(super) const MAX_WAIT_S: i64 = 600;
 /// How long `/api/sync/reading` waits by default before answering with the run id.
 const DEFAULT_SYNC_WAIT_S: i64 = 30;
 /// How long `?wait=true` waits by default.
-const DEFAULT_TRIGGER_WAIT_S: i64 = 60;
+pub(super) const DEFAULT_TRIGGER_WAIT_S: i64 = 60;
 
-fn seconds(n: i64) -> Duration {
+pub(super) fn seconds(n: i64) -> Duration {
     Duration::from_secs(n.unsigned_abs())
 }
 
@@ -159,10 +163,11 @@ pub fn handle(state: State, route: &'static Route, req: Request) -> HandlerFutur
                 headers: Vec::new(),
             }),
             ("GET", "/api/openapi.json") => {
-                let doc: Value = serde_json::from_str(OPENAPI).map_err(|e| {
+                let mut doc: Value = serde_json::from_str(OPENAPI).map_err(|e| {
                     tracing::error!(error = %e, "the embedded OpenAPI description is not JSON");
                     ApiError::internal()
                 })?;
+                describe_inputs(&mut doc, &state.invoke.kinds);
                 Ok(Reply::json(StatusCode::OK, doc))
             }
             ("GET", "/api/reading") => readings(&state, &params).await,
@@ -237,23 +242,12 @@ pub fn handle(state: State, route: &'static Route, req: Request) -> HandlerFutur
                     }),
                 ))
             }
-            ("POST", "/api/jobs/{name}/runs") => {
-                let name = req.captures[0].clone();
-                let wait = params.bool("wait")?;
-                let timeout = seconds(
-                    params
-                        .int("timeout", 0, MAX_WAIT_S)?
-                        .unwrap_or(DEFAULT_TRIGGER_WAIT_S),
-                );
-                let force = params.bool("force")?;
-                let _waiting = wait.then(|| waiting_permit(&state)).transpose()?;
-                let handle = trigger(&state, &name, force)?;
-                if wait {
-                    finish_or_accept(&state, handle, timeout).await
-                } else {
-                    Ok(accepted(handle.run_id))
-                }
+            ("POST", "/api/jobs/{name}/runs") => invoke::start_run(&state, req, &params).await,
+            ("POST", "/api/jobs/{name}/pause") => {
+                invoke::pause(&state, &req.captures[0], &params).await
             }
+            ("POST", "/api/jobs/{name}/resume") => invoke::resume(&state, &req.captures[0]).await,
+            ("GET", "/api/runs/{id}/output") => invoke::output(&state, &req.captures[0]).await,
             ("GET", "/api/runs/{id}") => {
                 let raw = &req.captures[0];
                 let id: Uuid = raw.parse().map_err(|_| {
@@ -271,6 +265,34 @@ pub fn handle(state: State, route: &'static Route, req: Request) -> HandlerFutur
             ))),
         }
     })
+}
+
+/// Each job kind's input schema, from the kind itself, as `Input_<kind>`; `RunInput`
+/// is any of them (the job's kind decides which applies).
+fn describe_inputs(doc: &mut Value, kinds: &crate::jobs::Registry) {
+    let Some(schemas) = doc
+        .pointer_mut("/components/schemas")
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    let mut any_of = Vec::new();
+    for (kind, mut schema) in kinds.input_schemas() {
+        if let Some(map) = schema.as_object_mut() {
+            map.insert("title".into(), json!(format!("input of a {kind} job")));
+            map.insert("x-vigil-kind".into(), json!(kind));
+        }
+        let name = format!("Input_{kind}");
+        any_of.push(json!({ "$ref": format!("#/components/schemas/{name}") }));
+        schemas.insert(name, schema);
+    }
+    schemas.insert(
+        "RunInput".into(),
+        json!({
+            "description": "A run's input; the schema of the job's kind applies (Input_<kind>).",
+            "anyOf": any_of,
+        }),
+    );
 }
 
 /// Re-reads the jobs file: 200 with what changed, or 422 with every problem (and the
@@ -380,7 +402,7 @@ fn next_cursor<T>(page: &[T], limit: i64, key: impl Fn(&T) -> String) -> Option<
         .flatten()
 }
 
-fn known_job(state: &State, name: &str) -> Result<JobStatus, ApiError> {
+pub(super) fn known_job(state: &State, name: &str) -> Result<JobStatus, ApiError> {
     state
         .scheduler
         .jobs()
@@ -390,7 +412,12 @@ fn known_job(state: &State, name: &str) -> Result<JobStatus, ApiError> {
 }
 
 fn trigger(state: &State, name: &str, force: bool) -> Result<RunHandle, ApiError> {
-    state.scheduler.trigger(name, force).map_err(|e| match e {
+    state.scheduler.trigger(name, force).map_err(trigger_error)
+}
+
+/// What a client is told when a run was not started.
+pub(super) fn trigger_error(e: TriggerError) -> ApiError {
+    match e {
         TriggerError::UnknownJob(_) => ApiError::not_found(e.to_string()),
         TriggerError::Disabled(_) => ApiError::new(
             StatusCode::CONFLICT,
@@ -401,13 +428,27 @@ fn trigger(state: &State, name: &str, force: bool) -> Result<RunHandle, ApiError
             ApiError::new(StatusCode::CONFLICT, "run_in_progress", e.to_string())
                 .with(json!({ "running_run_id": running }))
         }
+        TriggerError::Paused { until, .. } => {
+            ApiError::new(StatusCode::CONFLICT, "job_paused", e.to_string())
+                .with(json!({ "paused_until": until }))
+        }
+        TriggerError::Busy { limit, .. } => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "concurrency_limit",
+            e.to_string(),
+        )
+        .with(json!({ "max_concurrency": limit }))
+        .retry_after(BUSY_RETRY_AFTER_S),
         TriggerError::Stopping => ApiError::unavailable(e.to_string()),
-    })
+    }
 }
+
+/// What a trigger refused at a job's `max_concurrency` is told to wait, in seconds.
+const BUSY_RETRY_AFTER_S: u64 = 1;
 
 /// A place among the requests that wait for a run's end, or 503 with `Retry-After`
 /// when they are all taken (`VIGIL_MAX_WAITING`).
-fn waiting_permit(state: &State) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+pub(super) fn waiting_permit(state: &State) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
     state
         .guard
         .waiting
@@ -425,7 +466,7 @@ fn waiting_permit(state: &State) -> Result<tokio::sync::OwnedSemaphorePermit, Ap
 /// What a request refused for want of a waiting place is told to wait, in seconds.
 const WAITING_RETRY_AFTER_S: u64 = 2;
 
-fn accepted(run_id: Uuid) -> Reply {
+pub(super) fn accepted(run_id: Uuid) -> Reply {
     let location = format!("/api/runs/{run_id}");
     Reply::json(
         StatusCode::ACCEPTED,
@@ -435,7 +476,7 @@ fn accepted(run_id: Uuid) -> Reply {
 }
 
 /// 200 with the outcome if the run ends within `wait`, else 202 with where to poll.
-async fn finish_or_accept(
+pub(super) async fn finish_or_accept(
     state: &State,
     mut handle: RunHandle,
     wait: Duration,
@@ -452,7 +493,7 @@ async fn finish_or_accept(
 
 /// Makes the ledger's queued rows visible before reading them; bounded, so a slow
 /// database delays the answer by at most two seconds.
-async fn flush_ledger(state: &State) {
+pub(super) async fn flush_ledger(state: &State) {
     if let Err(e) = state.scheduler.flush_ledger(Duration::from_secs(2)).await {
         tracing::debug!(error = %e, "answering with the rows written so far");
     }
@@ -488,6 +529,9 @@ fn job_view(
         "applied_at": job.applied_at,
         "next_fire": job.next_fire,
         "running": job.running,
+        "paused": job.paused.is_some(),
+        "paused_until": job.paused.flatten(),
+        "max_concurrency": job.max_concurrency,
         "last_run": last.iter().find(|r| r.job == job.name).map(run_view),
         "health": h.map_or("unknown", |h| h.health.as_str()),
         "last_success_at": h.and_then(|h| h.last_success_at),
@@ -571,7 +615,7 @@ async fn alerts(state: &State, params: &Params) -> Result<Reply, ApiError> {
     ))
 }
 
-fn run_view(r: &RunRecord) -> Value {
+pub(super) fn run_view(r: &RunRecord) -> Value {
     json!({
         "id": r.id,
         "job": r.job,
@@ -589,6 +633,7 @@ fn run_view(r: &RunRecord) -> Value {
         "permanent": r.permanent,
         "retry_after_ms": r.retry_after_ms,
         "duration_ms": r.finished_at.map(|f| (f - r.started_at).num_milliseconds()),
+        "input": r.input,
     })
 }
 
@@ -604,6 +649,8 @@ fn result_view(r: &RunResult) -> Value {
         "started_at": r.started_at,
         "finished_at": r.finished_at,
         "duration_ms": (r.finished_at - r.started_at).num_milliseconds(),
+        "output": r.output.as_ref().map(crate::store::runs::RunOutput::to_json),
+        "output_truncated": r.output.as_ref().map(|o| o.truncated),
         "location": format!("/api/runs/{}", r.run_id),
     })
 }

@@ -35,6 +35,14 @@ pub const KIND: Kind = Kind {
     default_scope: Scope::Cluster,
     read: |r| r.read::<CommandConfig>().map(JobSettings::new),
     build,
+    input: super::InputSpec {
+        schema: || {
+            serde_json::json!({
+                "description": "Any JSON: the program reads it on stdin."
+            })
+        },
+        check: |_| Ok(()),
+    },
 };
 
 fn build(spec: &JobSpec, deps: &Deps) -> Result<std::sync::Arc<dyn Job>, JobError> {
@@ -71,12 +79,18 @@ pub struct CommandConfig {
     /// counted, not logged.
     #[serde(default = "default_max_log_bytes")]
     pub max_log_bytes: Spanned<usize>,
+    /// Most of stdout kept as the run's output (returned to whoever invoked it); the
+    /// rest is read and counted.
+    #[serde(default = "default_max_output_bytes")]
+    pub max_output_bytes: Spanned<usize>,
 }
 
 /// 16 KiB: longer than any sensible log line, short enough to log as one event.
 pub const DEFAULT_MAX_LINE_BYTES: usize = 16 << 10;
 /// 1 MiB a run: a chatty job's whole story, not a runaway's flood.
 pub const DEFAULT_MAX_LOG_BYTES: usize = 1 << 20;
+/// 1 MiB of stdout kept as the run's output.
+pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1 << 20;
 const MAX_LIMIT: usize = 1 << 30;
 
 fn no_inherit() -> Spanned<bool> {
@@ -87,6 +101,9 @@ fn default_max_line_bytes() -> Spanned<usize> {
 }
 fn default_max_log_bytes() -> Spanned<usize> {
     Spanned::new(0..0, DEFAULT_MAX_LOG_BYTES)
+}
+fn default_max_output_bytes() -> Spanned<usize> {
+    Spanned::new(0..0, DEFAULT_MAX_OUTPUT_BYTES)
 }
 
 impl Validate for CommandConfig {
@@ -99,15 +116,16 @@ impl Validate for CommandConfig {
                 "`command` must name a program, e.g. [\"sh\", \"-c\", \"echo hi\"]".into(),
             )),
         }
-        for (name, value) in [
-            ("max_line_bytes", &self.max_line_bytes),
-            ("max_log_bytes", &self.max_log_bytes),
+        for (name, value, min) in [
+            ("max_line_bytes", &self.max_line_bytes, 1),
+            ("max_log_bytes", &self.max_log_bytes, 1),
+            ("max_output_bytes", &self.max_output_bytes, 0),
         ] {
-            if !(1..=MAX_LIMIT).contains(value.get_ref()) {
+            if !(min..=MAX_LIMIT).contains(value.get_ref()) {
                 problems.push((
                     Some(value.span()),
                     format!(
-                        "`{name}` must be between 1 and {MAX_LIMIT}, found {}",
+                        "`{name}` must be between {min} and {MAX_LIMIT}, found {}",
                         value.get_ref()
                     ),
                 ));
@@ -192,6 +210,8 @@ struct Pumped {
     cut_lines: u64,
     /// The last lines (stderr), for the failure message.
     tail: VecDeque<String>,
+    /// The first bytes as read (stdout: the run's output).
+    captured: Vec<u8>,
 }
 
 /// Reads `pipe` to its end, logging each line within the limits.
@@ -200,6 +220,7 @@ async fn pump<R: AsyncRead + Unpin>(
     stream: Stream,
     max_line: usize,
     budget: &AtomicUsize,
+    capture: usize,
 ) -> Pumped {
     let mut out = Pumped::default();
     let mut buf = vec![0u8; CHUNK];
@@ -212,6 +233,8 @@ async fn pump<R: AsyncRead + Unpin>(
             Ok(n) => n,
         };
         out.read += n as u64;
+        let room = capture.saturating_sub(out.captured.len());
+        out.captured.extend_from_slice(&buf[..n.min(room)]);
         let mut rest = &buf[..n];
         while !rest.is_empty() {
             let (piece, ended) = match rest.iter().position(|&b| b == b'\n') {
@@ -305,7 +328,11 @@ impl Job for CommandJob {
             .env("VIGIL_RUN_ID", ctx.run_id.to_string())
             .env("VIGIL_JOB", &*ctx.job)
             .env("VIGIL_TRIGGER", ctx.trigger.as_str())
-            .stdin(Stdio::null())
+            .stdin(if ctx.input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
@@ -329,21 +356,31 @@ impl Job for CommandJob {
             .and_then(|id| i32::try_from(id).ok())
             .map(Pid::from_raw);
         let mut guard = GroupGuard { pgid };
+        // The input on stdin, then end of file; a program that never reads it is not
+        // waited for (the write stops with the pipe).
+        if let (Some(mut stdin), Some(input)) = (child.stdin.take(), ctx.input.clone()) {
+            let body = serde_json::to_vec(&*input).unwrap_or_default();
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt as _;
+                let _ = stdin.write_all(&body).await;
+            });
+        }
 
         let budget = AtomicUsize::new(*c.max_log_bytes.get_ref());
         let max_line = *c.max_line_bytes.get_ref();
+        let max_output = *c.max_output_bytes.get_ref();
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let pumps = async {
             let out = async {
                 match stdout {
-                    Some(p) => pump(p, Stream::Stdout, max_line, &budget).await,
+                    Some(p) => pump(p, Stream::Stdout, max_line, &budget, max_output).await,
                     None => Pumped::default(),
                 }
             };
             let err = async {
                 match stderr {
-                    Some(p) => pump(p, Stream::Stderr, max_line, &budget).await,
+                    Some(p) => pump(p, Stream::Stderr, max_line, &budget, 0).await,
                     None => Pumped::default(),
                 }
             };
@@ -384,6 +421,11 @@ impl Job for CommandJob {
                 "output beyond the job's limits was read but not logged"
             );
         }
+        ctx.output.set(super::RunOutput {
+            truncated: out.read > out.captured.len() as u64,
+            total_bytes: out.read,
+            bytes: out.captured,
+        });
         if status.success() {
             return Ok(RunOutcome::Completed { items: None });
         }
@@ -412,7 +454,7 @@ mod tests {
 
     async fn pumped(input: &[u8], max_line: usize, budget: usize) -> Pumped {
         let budget = AtomicUsize::new(budget);
-        pump(input, Stream::Stderr, max_line, &budget).await
+        pump(input, Stream::Stderr, max_line, &budget, 0).await
     }
 
     #[tokio::test]

@@ -25,6 +25,90 @@ pub struct Kind {
     pub default_scope: Scope,
     pub read: fn(&mut SettingsReader<'_, '_>) -> Option<JobSettings>,
     pub build: Build,
+    /// What a run of this kind takes as input (`POST /api/jobs/{name}/runs` with a
+    /// JSON body, `vigil trigger --input`).
+    pub input: InputSpec,
+}
+
+/// A kind's input: its JSON schema (published in `openapi.json`) and the check a
+/// request's input passes before any run starts.
+#[derive(Clone, Copy)]
+pub struct InputSpec {
+    pub schema: fn() -> serde_json::Value,
+    pub check: fn(&serde_json::Value) -> Result<(), InputError>,
+}
+
+impl InputSpec {
+    /// The kind takes no input: any is refused.
+    pub const NONE: InputSpec = InputSpec {
+        schema: || serde_json::json!({ "not": {} }),
+        check: |_| {
+            Err(InputError {
+                field: String::new(),
+                message: "this kind of job takes no input".into(),
+            })
+        },
+    };
+}
+
+/// Why an input was refused, and where in it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{message}", if field.is_empty() { String::new() } else { format!("`{field}`: ") })]
+pub struct InputError {
+    /// A JSON pointer-ish path (`filter.$where`), empty for the whole input.
+    pub field: String,
+    pub message: String,
+}
+
+impl InputError {
+    pub fn at(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// PostgreSQL's `jsonb` holds any JSON but U+0000: an input with one is refused at
+/// the door, naming where, rather than losing its run's ledger row later.
+fn storable(v: &serde_json::Value, path: &str) -> Result<(), InputError> {
+    let nul = |at: String| InputError::at(at, "contains U+0000, which PostgreSQL cannot store");
+    match v {
+        serde_json::Value::String(s) if s.contains('\0') => Err(nul(path.to_owned())),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, v)| storable(v, &format!("{path}[{i}]"))),
+        serde_json::Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+            let here = if path.is_empty() {
+                k.clone()
+            } else {
+                format!("{path}.{k}")
+            };
+            if k.contains('\0') {
+                return Err(nul(here));
+            }
+            storable(v, &here)
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Reads an input as `T` (`deny_unknown_fields`), naming the field serde names.
+pub fn typed_input<T: serde::de::DeserializeOwned>(
+    input: &serde_json::Value,
+) -> Result<T, InputError> {
+    serde_path_to_error::deserialize(input).map_err(|e| {
+        // The path includes an unknown key itself; "." is the whole input.
+        let field = match e.path().to_string() {
+            p if p == "." => String::new(),
+            p => p,
+        };
+        InputError {
+            field,
+            message: e.inner().to_string(),
+        }
+    })
 }
 
 /// Makes a job from its validated spec.
@@ -60,6 +144,24 @@ impl Registry {
 
     fn kind(&self, name: &str) -> Option<&Kind> {
         self.kinds.iter().find(|k| k.name == name)
+    }
+
+    /// Checks a run's input for a job of `kind`: storable in `job_runs.input`, then
+    /// the kind's own rules.
+    pub fn check_input(&self, kind: &str, input: &serde_json::Value) -> Result<(), InputError> {
+        storable(input, "")?;
+        match self.kind(kind) {
+            Some(k) => (k.input.check)(input),
+            None => Err(InputError::at("", format!("unknown job kind {kind:?}"))),
+        }
+    }
+
+    /// Each kind's input schema, by kind name.
+    pub fn input_schemas(&self) -> Vec<(&'static str, serde_json::Value)> {
+        self.kinds
+            .iter()
+            .map(|k| (k.name, (k.input.schema)()))
+            .collect()
     }
 
     /// Makes the job a validated spec describes.
@@ -110,6 +212,44 @@ pub struct RunContext {
     /// When the scheduler will cancel this attempt; long jobs stop starting new work
     /// before it.
     pub deadline: tokio::time::Instant,
+    /// The input the run was invoked with, checked by the kind's [`InputSpec`].
+    pub input: Option<Arc<serde_json::Value>>,
+    /// Where the run leaves its output (a `command` job's stdout).
+    pub output: OutputSink,
+}
+
+impl RunContext {
+    pub fn new(
+        job: &str,
+        run_id: Uuid,
+        trigger: crate::store::Trigger,
+        deadline: tokio::time::Instant,
+    ) -> Self {
+        Self {
+            job: job.into(),
+            run_id,
+            trigger,
+            deadline,
+            input: None,
+            output: OutputSink::default(),
+        }
+    }
+}
+
+pub use crate::store::runs::RunOutput;
+
+/// Where a run puts its output; the scheduler takes it when the attempt ends.
+#[derive(Debug, Clone, Default)]
+pub struct OutputSink(Arc<std::sync::Mutex<Option<RunOutput>>>);
+
+impl OutputSink {
+    pub fn set(&self, output: RunOutput) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(output);
+    }
+
+    pub fn take(&self) -> Option<RunOutput> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 /// How a run ended, when it did not fail.
@@ -224,4 +364,44 @@ impl SpoolPlace {
 /// Builds the job a validated spec of a built-in kind describes.
 pub fn build(spec: &JobSpec, deps: &Deps) -> Result<Arc<dyn Job>, JobError> {
     Registry::builtin().build(spec, deps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_with_u0000_anywhere_are_refused_naming_where() {
+        let r = Registry::builtin();
+        let ok = serde_json::json!({ "a": ["x", { "b": "fine \u{1F600}" }] });
+        assert_eq!(r.check_input("command", &ok), Ok(()));
+        for (input, field) in [
+            (serde_json::json!("a\u{0}b"), ""),
+            (
+                serde_json::json!({ "a": ["x", { "b": "\u{0}" }] }),
+                "a[1].b",
+            ),
+            (serde_json::json!({ "k\u{0}ey": 1 }), "k\u{0}ey"),
+        ] {
+            let e = r.check_input("command", &input).unwrap_err();
+            assert_eq!(e.field, field, "{input}");
+            assert!(e.message.contains("U+0000"));
+        }
+    }
+
+    #[test]
+    fn type_errors_in_an_input_name_their_field() {
+        let e = typed_input::<retention::RetentionInput>(&serde_json::json!({ "dry_run": 1 }))
+            .unwrap_err();
+        assert_eq!(e.field, "dry_run");
+        let e = typed_input::<retention::RetentionInput>(&serde_json::json!({ "dry": true }))
+            .unwrap_err();
+        assert_eq!(e.field, "dry");
+        assert!(
+            e.to_string().starts_with("`dry`: unknown field `dry`"),
+            "{e}"
+        );
+        let e = typed_input::<retention::RetentionInput>(&serde_json::json!("all")).unwrap_err();
+        assert_eq!(e.field, "", "the whole input");
+    }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{Deps, Job, JobError, Kind, RunContext, RunOutcome};
+use super::{Deps, InputSpec, Job, JobError, Kind, RunContext, RunOutcome};
 use crate::config::{HumanDuration, Ident, JobSettings, JobSpec, Scope, Validate};
 use crate::store::Store;
 
@@ -16,7 +16,30 @@ pub const KIND: Kind = Kind {
     default_scope: Scope::Cluster,
     read: |r| r.read::<RetentionConfig>().map(JobSettings::new),
     build,
+    input: InputSpec {
+        schema: || {
+            serde_json::json!({
+                "type": "object",
+                "additionalProperties": false,
+                "properties": {
+                    "dry_run": {
+                        "type": "boolean",
+                        "description": "Count what would be deleted (the run's items); delete nothing."
+                    }
+                }
+            })
+        },
+        check: |v| super::typed_input::<RetentionInput>(v).map(|_| ()),
+    },
 };
+
+/// A run's input: `{"dry_run": true}`.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionInput {
+    #[serde(default)]
+    pub dry_run: bool,
+}
 
 fn build(spec: &JobSpec, deps: &Deps) -> Result<std::sync::Arc<dyn Job>, JobError> {
     let c: &RetentionConfig = super::settings(spec)?;
@@ -91,11 +114,43 @@ impl Retention {
     pub fn new(config: RetentionConfig, store: Store) -> Self {
         Self { config, store }
     }
+
+    /// Counts what a real run would delete now; deletes nothing.
+    async fn dry_run(&self) -> Result<RunOutcome, JobError> {
+        let mut total = 0u64;
+        for target in self.config.tables.get_ref() {
+            let age = chrono::Duration::from_std(target.older_than.get()).map_err(|_| {
+                JobError::Failed(format!("older_than {} is too large", target.older_than))
+            })?;
+            let cutoff = chrono::Utc::now() - age;
+            let n = self
+                .store
+                .count_older_than(&target.table, &target.column, cutoff)
+                .await
+                .map_err(|e| {
+                    let message = format!(
+                        "counting {} where {} < {cutoff}: {e}",
+                        target.table, target.column
+                    );
+                    JobError::from_store(&e, message)
+                })?;
+            tracing::info!(table = %target.table, would_delete = n, %cutoff, "retention dry run");
+            total += n;
+        }
+        Ok(RunOutcome::Completed { items: Some(total) })
+    }
 }
 
 #[async_trait::async_trait]
 impl Job for Retention {
-    async fn run(&self, _ctx: RunContext) -> Result<RunOutcome, JobError> {
+    async fn run(&self, ctx: RunContext) -> Result<RunOutcome, JobError> {
+        let input: RetentionInput = match ctx.input.as_deref() {
+            Some(v) => super::typed_input(v).map_err(|e| JobError::Permanent(e.to_string()))?,
+            None => RetentionInput::default(),
+        };
+        if input.dry_run {
+            return self.dry_run().await;
+        }
         let batch = i64::from(*self.config.batch_size.get_ref());
         let pause = self.config.pause.map_or(Duration::ZERO, HumanDuration::get);
         let mut total = 0u64;

@@ -20,6 +20,9 @@ use crate::telemetry::metrics::Metrics;
 pub const DEFAULT_CAPACITY: usize = 10_000;
 /// Records written per statement.
 const BATCH: usize = 500;
+/// Most bytes of run outputs (a command's stdout, up to 1 MiB each) held while
+/// PostgreSQL is away; past it the oldest queued outputs are let go, never the rows.
+pub const MAX_QUEUED_OUTPUT_BYTES: usize = 64 << 20;
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +34,7 @@ pub enum LedgerError {
 }
 
 enum Op {
-    Record(RunRecord),
+    Record(Box<RunRecord>),
     Flush(oneshot::Sender<()>),
     /// Last attempts within the duration, then spool the rest and stop; answers
     /// whether everything was written.
@@ -114,7 +117,7 @@ impl Ledger {
 
     /// Queues a record (a new row, or the new state of an existing one).
     pub fn record(&self, record: RunRecord) {
-        if self.tx.send(Op::Record(record)).is_err() {
+        if self.tx.send(Op::Record(Box::new(record))).is_err() {
             tracing::error!("run ledger writer has stopped; a run record was lost");
         }
     }
@@ -250,6 +253,7 @@ async fn writer(w: Writer, mut rx: mpsc::UnboundedReceiver<Op>) {
         while let Ok(op) = rx.try_recv() {
             take(op, &mut pending, &mut waiters, &mut close);
         }
+        shed_outputs(&mut pending, &w.metrics);
         if pending.len() > w.capacity {
             let excess = pending.len() - w.capacity;
             let dropped = if w.spool.is_some() {
@@ -357,10 +361,40 @@ fn take(
     close: &mut Option<(tokio::time::Instant, oneshot::Sender<bool>)>,
 ) {
     match op {
-        Op::Record(r) => pending.push_back(r),
+        Op::Record(r) => pending.push_back(*r),
         Op::Flush(w) => waiters.push(w),
         Op::Close(wait, ack) => *close = Some((tokio::time::Instant::now() + wait, ack)),
     }
+}
+
+/// Keeps the queued outputs within [`MAX_QUEUED_OUTPUT_BYTES`] by dropping the oldest
+/// (the rows stay; `GET /api/runs/{id}/output` then has none for them).
+fn shed_outputs(pending: &mut VecDeque<RunRecord>, metrics: &Metrics) {
+    let held: usize = pending
+        .iter()
+        .filter_map(|r| r.output.as_ref())
+        .map(|o| o.bytes.len())
+        .sum();
+    let mut over = held.saturating_sub(MAX_QUEUED_OUTPUT_BYTES);
+    if over == 0 {
+        return;
+    }
+    let mut shed = 0u64;
+    for r in pending.iter_mut() {
+        if over == 0 {
+            break;
+        }
+        if let Some(o) = r.output.take() {
+            over = over.saturating_sub(o.bytes.len());
+            shed += 1;
+        }
+    }
+    metrics.ledger_outputs_dropped.inc_by(shed);
+    tracing::warn!(
+        outputs = shed,
+        cap_bytes = MAX_QUEUED_OUTPUT_BYTES,
+        "PostgreSQL is away and queued run outputs passed their cap; dropped the oldest outputs (their rows are kept)"
+    );
 }
 
 /// Keeps the latest state of each run, in first-seen order: one row per id per statement.

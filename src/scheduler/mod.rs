@@ -54,6 +54,33 @@ pub enum TriggerError {
     Refused { job: String, running: Uuid },
     #[error("vigil is shutting down")]
     Stopping,
+    #[error("job \"{job}\" already runs {limit} time(s) at once, its max_concurrency")]
+    Busy { job: String, limit: u32 },
+    #[error("job \"{job}\" is paused{}; resume it, or force this run", until.map(|u| format!(" until {}", u.to_rfc3339())).unwrap_or_default())]
+    Paused {
+        job: String,
+        until: Option<DateTime<Utc>>,
+    },
+}
+
+/// How a run is invoked beyond its job's schedule.
+#[derive(Debug, Clone, Default)]
+pub struct Invocation {
+    /// The input, already checked against the job kind's input schema.
+    pub input: Option<Arc<serde_json::Value>>,
+    /// The run's id, when the caller must know it first (an idempotency key).
+    pub run_id: Option<Uuid>,
+    /// Run even if the job is disabled or paused.
+    pub force: bool,
+}
+
+/// What a firing carries into its run.
+#[derive(Default)]
+struct FireOptions {
+    input: Option<Arc<serde_json::Value>>,
+    run_id: Option<Uuid>,
+    /// A concurrency slot taken before the run started (cluster `max_concurrency`).
+    slot_lock: Option<Box<dyn HeldLock>>,
 }
 
 /// Told when runs start and end, for what watches jobs' health (alerts). Called on the
@@ -72,6 +99,8 @@ pub struct RunningRun {
     pub trigger: Trigger,
     pub scheduled_at: DateTime<Utc>,
     pub started_at: DateTime<Utc>,
+    #[serde(skip)]
+    pub input: Option<Arc<serde_json::Value>>,
 }
 
 /// How a whole run (all its attempts) ended.
@@ -91,6 +120,17 @@ pub struct RunResult {
     /// The firing it ran for (the trigger's time for manual runs).
     pub scheduled_at: DateTime<Utc>,
     pub trigger: Trigger,
+    /// What the last attempt produced for its caller (a command's stdout): JSON when
+    /// it parses as JSON, else text.
+    #[serde(serialize_with = "output_as_json")]
+    pub output: Option<crate::jobs::RunOutput>,
+}
+
+fn output_as_json<S: serde::Serializer>(
+    output: &Option<crate::jobs::RunOutput>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(&output.as_ref().map(crate::jobs::RunOutput::to_json), s)
 }
 
 /// A started run; await [`RunHandle::finished`] for its outcome.
@@ -138,6 +178,10 @@ pub struct JobStatus {
     /// When the job's current definition took effect (start-up or a reload that added
     /// or changed it); a reload leaves it alone for unchanged jobs.
     pub applied_at: DateTime<Utc>,
+    /// Paused (see [`Scheduler::set_pauses`]): `Some(None)` until resumed,
+    /// `Some(Some(t))` until `t`.
+    pub paused: Option<Option<DateTime<Utc>>>,
+    pub max_concurrency: Option<u32>,
 }
 
 /// How long shutdown tries to write the last ledger rows before spooling them.
@@ -238,6 +282,9 @@ struct Inner {
     ticks: Mutex<Option<mpsc::UnboundedReceiver<Tick>>>,
     started: AtomicBool,
     observers: RwLock<Vec<Arc<dyn RunObserver>>>,
+    /// Paused jobs and until when (`None`: until resumed); kept from PostgreSQL by
+    /// whoever calls [`Scheduler::set_pauses`].
+    pauses: RwLock<BTreeMap<String, Option<DateTime<Utc>>>>,
 }
 
 /// The scheduler. Cheap to clone.
@@ -311,12 +358,19 @@ impl Scheduler {
                 ticks: Mutex::new(Some(rx)),
                 started: AtomicBool::new(false),
                 observers: RwLock::new(Vec::new()),
+                pauses: RwLock::new(BTreeMap::new()),
             }),
         }
     }
 
     pub fn host(&self) -> &str {
         &self.inner.host
+    }
+
+    /// The paused jobs (from PostgreSQL, so every replica obeys); a firing of a
+    /// paused job is recorded `skipped`, a manual run refused unless forced.
+    pub fn set_pauses(&self, pauses: BTreeMap<String, Option<DateTime<Utc>>>) {
+        *self.inner.pauses.write().unwrap_or_else(|p| p.into_inner()) = pauses;
     }
 
     /// Tells `observer` of every run's start and end from now on.
@@ -463,8 +517,64 @@ impl Scheduler {
         self.inner.started.load(Ordering::Acquire) && !self.inner.stopping.is_cancelled()
     }
 
-    /// Runs a job now, under the same rules as a scheduled firing.
+    /// Runs a job now, under the same rules as a scheduled firing. A `cluster` job at
+    /// its `max_concurrency` across replicas is found out when the run starts (and
+    /// recorded `skipped`); [`Scheduler::invoke`] finds out first.
     pub fn trigger(&self, name: &str, force: bool) -> Result<RunHandle, TriggerError> {
+        let slot = self.invocable(name, force)?;
+        self.inner.fire(
+            &slot,
+            Trigger::Manual,
+            self.inner.clock.now(),
+            FireOptions::default(),
+        )
+    }
+
+    /// Runs a job now with `invocation`'s input and id. For a `cluster` job with
+    /// `max_concurrency`, a concurrency slot is taken before anything starts: past the
+    /// limit, [`TriggerError::Busy`] and no run.
+    pub async fn invoke(&self, name: &str, inv: Invocation) -> Result<RunHandle, TriggerError> {
+        let slot = self.invocable(name, inv.force)?;
+        let mut slot_lock = None;
+        if let Some(limit) = slot.spec.max_concurrency
+            && slot.spec.scope == Scope::Cluster
+        {
+            if slot.state().running.len() >= limit as usize {
+                return Err(TriggerError::Busy {
+                    job: name.to_owned(),
+                    limit,
+                });
+            }
+            match self.inner.concurrency_slot(&slot.spec, limit).await {
+                Ok(Some(lock)) => slot_lock = Some(lock),
+                Ok(None) => {
+                    return Err(TriggerError::Busy {
+                        job: name.to_owned(),
+                        limit,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(job = name, error = %e, "cannot take a concurrency slot");
+                    return Err(TriggerError::Busy {
+                        job: name.to_owned(),
+                        limit,
+                    });
+                }
+            }
+        }
+        self.inner.fire(
+            &slot,
+            Trigger::Manual,
+            self.inner.clock.now(),
+            FireOptions {
+                input: inv.input,
+                run_id: inv.run_id,
+                slot_lock,
+            },
+        )
+    }
+
+    fn invocable(&self, name: &str, force: bool) -> Result<Arc<Slot>, TriggerError> {
         let slot = self
             .inner
             .slot(name)
@@ -472,8 +582,13 @@ impl Scheduler {
         if !slot.spec.enabled && !force {
             return Err(TriggerError::Disabled(name.to_owned()));
         }
-        self.inner
-            .fire(&slot, Trigger::Manual, self.inner.clock.now())
+        if !force && let Some(until) = self.inner.paused(name) {
+            return Err(TriggerError::Paused {
+                job: name.to_owned(),
+                until,
+            });
+        }
+        Ok(slot)
     }
 
     /// The names of the scheduled jobs, in order.
@@ -498,6 +613,8 @@ impl Scheduler {
                     running_runs: state.running.iter().map(|a| a.run.clone()).collect(),
                     scope: slot.spec.scope,
                     applied_at: slot.applied_at,
+                    paused: self.inner.paused(&slot.spec.name),
+                    max_concurrency: slot.spec.max_concurrency,
                 }
             })
             .collect()
@@ -550,6 +667,35 @@ impl Scheduler {
 }
 
 impl Inner {
+    /// `Some(until)` while `job` is paused.
+    fn paused(&self, job: &str) -> Option<Option<DateTime<Utc>>> {
+        let now = self.clock.now();
+        self.pauses
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(job)
+            .copied()
+            .filter(|until| until.is_none_or(|u| u > now))
+    }
+
+    /// One of a cluster job's `limit` concurrency slots (advisory locks), if free.
+    async fn concurrency_slot(
+        &self,
+        spec: &JobSpec,
+        limit: u32,
+    ) -> Result<Option<Box<dyn HeldLock>>, crate::store::StoreError> {
+        for k in 0..limit {
+            if let Some(lock) = self
+                .backend
+                .try_cluster_lock(&format!("{}#slot{k}", spec.name))
+                .await?
+            {
+                return Ok(Some(lock));
+            }
+        }
+        Ok(None)
+    }
+
     fn observers(&self) -> Vec<Arc<dyn RunObserver>> {
         self.observers
             .read()
@@ -623,15 +769,18 @@ impl Inner {
             slot.state().next_due = None;
             return;
         };
+        let at =
+            due + chrono::Duration::from_std(slot.spec.jitter_on(&self.host)).unwrap_or_default();
         let tick = Tick {
             job: slot.spec.name.clone(),
             generation: slot.generation,
             due,
+            at,
         };
         match self.timer.arm(tick).await {
             Ok(id) => {
                 let mut state = slot.state();
-                state.next_due = Some(due);
+                state.next_due = Some(at);
                 state.timer_id = Some(id);
             }
             Err(e) => tracing::error!(job = %slot.spec.name, error = %e, "cannot arm the timer"),
@@ -665,23 +814,25 @@ impl Inner {
                 }
             }
             tracing::info!(job = %slot.spec.name, %missed, last_firing = %last, "catching up a missed firing");
-            if let Err(e) = self.fire(slot, Trigger::CatchUp, missed) {
+            if let Err(e) = self.fire(slot, Trigger::CatchUp, missed, FireOptions::default()) {
                 tracing::info!(job = %slot.spec.name, error = %e, "catch-up not started");
             }
         }
     }
 
-    /// Starts a run of `slot` unless its overlap policy refuses; never waits.
+    /// Starts a run of `slot` unless its overlap policy or concurrency limit refuses;
+    /// never waits.
     fn fire(
         self: &Arc<Self>,
         slot: &Arc<Slot>,
         trigger: Trigger,
         scheduled_at: DateTime<Utc>,
+        options: FireOptions,
     ) -> Result<RunHandle, TriggerError> {
         if self.stopping.is_cancelled() {
             return Err(TriggerError::Stopping);
         }
-        let id = Uuid::now_v7();
+        let id = options.run_id.unwrap_or_else(Uuid::now_v7);
         let active = Active::new(
             id,
             slot.generation,
@@ -690,10 +841,28 @@ impl Inner {
                 trigger,
                 scheduled_at,
                 started_at: self.clock.now(),
+                input: options.input,
             },
         );
         {
             let mut state = slot.state();
+            if let Some(limit) = slot.spec.max_concurrency
+                && state.running.len() >= limit as usize
+            {
+                drop(state);
+                self.record_refusal(
+                    slot,
+                    id,
+                    trigger,
+                    scheduled_at,
+                    RunStatus::Skipped,
+                    format!("max_concurrency: {limit} run(s) already going"),
+                );
+                return Err(TriggerError::Busy {
+                    job: slot.spec.name.clone(),
+                    limit,
+                });
+            }
             match slot.spec.overlap {
                 Overlap::Forbid => {
                     if let Some(running) = state.running.first().map(|a| a.id) {
@@ -730,6 +899,7 @@ impl Inner {
                 id,
                 trigger,
                 scheduled_at,
+                slot_lock: options.slot_lock,
             },
             active,
             tx,
@@ -775,6 +945,8 @@ impl Inner {
             host: self.host.clone(),
             permanent: false,
             retry_after_ms: None,
+            input: None,
+            output: None,
         };
         self.backend.record(record.clone());
         self.notify_finished(
@@ -791,6 +963,7 @@ impl Inner {
                 finished_at: now,
                 scheduled_at,
                 trigger,
+                output: None,
             },
         );
         record
@@ -870,7 +1043,7 @@ async fn dispatch(inner: Arc<Inner>, mut ticks: mpsc::UnboundedReceiver<Tick>) {
         inner.arm_next(&slot, tick.due.max(inner.clock.now())).await;
         let inner2 = inner.clone();
         inner.tracker.spawn(async move {
-            let wait = (tick.due - inner2.clock.now())
+            let wait = (tick.at - inner2.clock.now())
                 .to_std()
                 .unwrap_or(Duration::ZERO);
             tokio::select! {
@@ -901,13 +1074,63 @@ async fn dispatch(inner: Arc<Inner>, mut ticks: mpsc::UnboundedReceiver<Tick>) {
                     return;
                 }
             }
-            let lag = (inner2.clock.now() - tick.due)
+            let lag = (inner2.clock.now() - tick.at)
                 .to_std()
                 .unwrap_or(Duration::ZERO);
             inner2.metrics.lag(&slot.spec.name, lag);
+            // Past the claim, this replica alone records the firing (every replica, for
+            // host-scoped jobs, each its own row).
+            if let Some(until) = inner2.paused(&slot.spec.name) {
+                inner2.record_refusal(
+                    &slot,
+                    Uuid::now_v7(),
+                    Trigger::Schedule,
+                    tick.due,
+                    RunStatus::Skipped,
+                    match until {
+                        Some(u) => format!("paused until {}", u.to_rfc3339()),
+                        None => "paused".to_owned(),
+                    },
+                );
+                return;
+            }
+            let mut options = FireOptions::default();
+            if let Some(limit) = slot.spec.max_concurrency
+                && slot.spec.scope == Scope::Cluster
+            {
+                match inner2.concurrency_slot(&slot.spec, limit).await {
+                    Ok(Some(lock)) => options.slot_lock = Some(lock),
+                    Ok(None) => {
+                        inner2.record_refusal(
+                            &slot,
+                            Uuid::now_v7(),
+                            Trigger::Schedule,
+                            tick.due,
+                            RunStatus::Skipped,
+                            format!(
+                                "max_concurrency: {limit} run(s) already going across replicas"
+                            ),
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        inner2.record_refusal(
+                            &slot,
+                            Uuid::now_v7(),
+                            Trigger::Schedule,
+                            tick.due,
+                            RunStatus::Failed,
+                            format!("cannot take a concurrency slot in PostgreSQL: {e}"),
+                        );
+                        return;
+                    }
+                }
+            }
             // Other refusals are recorded and logged by `fire`; a shutdown that began
             // after this firing was claimed leaves it unrun, which its row says.
-            if let Err(TriggerError::Stopping) = inner2.fire(&slot, Trigger::Schedule, tick.due) {
+            if let Err(TriggerError::Stopping) =
+                inner2.fire(&slot, Trigger::Schedule, tick.due, options)
+            {
                 inner2.record_refusal(
                     &slot,
                     Uuid::now_v7(),

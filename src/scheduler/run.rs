@@ -21,6 +21,8 @@ pub(super) struct Firing {
     pub id: Uuid,
     pub trigger: Trigger,
     pub scheduled_at: DateTime<Utc>,
+    /// A `max_concurrency` slot already taken for this run.
+    pub slot_lock: Option<Box<dyn super::HeldLock>>,
 }
 
 /// How one attempt ended.
@@ -34,6 +36,8 @@ struct Ended {
     permanent: bool,
     /// The pause the job asked for before the next attempt.
     retry_after: Option<Duration>,
+    /// What the attempt produced for its caller.
+    output: Option<crate::jobs::RunOutput>,
 }
 
 impl Ended {
@@ -45,6 +49,7 @@ impl Ended {
             cancelled: false,
             permanent: false,
             retry_after: None,
+            output: None,
         }
     }
 }
@@ -52,7 +57,7 @@ impl Ended {
 pub(super) async fn govern(
     inner: Arc<Inner>,
     slot: Arc<Slot>,
-    firing: Firing,
+    mut firing: Firing,
     active: Active,
     done: watch::Sender<Option<RunResult>>,
 ) {
@@ -60,13 +65,25 @@ pub(super) async fn govern(
     let first_started = inner.clock.now();
     // A cluster-scoped job runs on one replica at a time: hold its lock for the whole
     // run (all attempts). `allow` opts out; `replace` cannot cancel another replica's
-    // run, so it waits its turn like `forbid`.
-    let mut cluster_lock = None;
-    if spec.scope == Scope::Cluster && spec.overlap != Overlap::Allow {
+    // run, so it waits its turn like `forbid`. With `max_concurrency`, one of that many
+    // slots is held instead.
+    let mut cluster_lock = firing.slot_lock.take();
+    let concurrency = spec
+        .max_concurrency
+        .filter(|_| spec.scope == Scope::Cluster);
+    if cluster_lock.is_none()
+        && spec.scope == Scope::Cluster
+        && (spec.overlap != Overlap::Allow || concurrency.is_some())
+    {
         // Bounded by the store's call bound, and given up when the run is cancelled
         // (a shutdown past its grace period, a replacement).
         let outcome = tokio::select! {
-            r = acquire_cluster_lock(&inner, spec) => Some(r),
+            r = async {
+                match concurrency {
+                    Some(limit) => inner.concurrency_slot(spec, limit).await,
+                    None => acquire_cluster_lock(&inner, spec).await,
+                }
+            } => Some(r),
             () = active.cancel.cancelled() => None,
         };
         match outcome {
@@ -83,7 +100,12 @@ pub(super) async fn govern(
                     ),
                     _ => (
                         RunStatus::Skipped,
-                        "another replica is running this job".to_owned(),
+                        match concurrency {
+                            Some(limit) => format!(
+                                "max_concurrency: {limit} run(s) already going across replicas"
+                            ),
+                            None => "another replica is running this job".to_owned(),
+                        },
                     ),
                 };
                 let row = inner.record_refusal(
@@ -108,6 +130,7 @@ pub(super) async fn govern(
                     finished_at: row.started_at,
                     scheduled_at: firing.scheduled_at,
                     trigger: firing.trigger,
+                    output: None,
                 }));
                 return;
             }
@@ -136,6 +159,8 @@ pub(super) async fn govern(
             host: inner.host.clone(),
             permanent: false,
             retry_after_ms: None,
+            input: active.run.input.as_deref().cloned(),
+            output: None,
         };
         inner.backend.record(record.clone());
         if attempt == 1 {
@@ -151,6 +176,7 @@ pub(super) async fn govern(
         );
         let ended = attempt_once(&slot, id, record.trigger, &active, span.clone()).await;
         record.finished_at = Some(inner.clock.now());
+        record.output = ended.output.clone();
         record.status = ended.status;
         record.items = ended.items;
         record.error = ended.error.clone();
@@ -210,6 +236,7 @@ pub(super) async fn govern(
             finished_at: record.finished_at.unwrap_or_else(|| inner.clock.now()),
             scheduled_at: firing.scheduled_at,
             trigger: firing.trigger,
+            output: ended.output,
         };
     };
     if let Some(lock) = cluster_lock {
@@ -252,12 +279,14 @@ async fn attempt_once(
     span: tracing::Span,
 ) -> Ended {
     let timeout = slot.spec.timeout;
-    let ctx = RunContext {
-        job: slot.spec.name.as_str().into(),
-        run_id: id,
+    let mut ctx = RunContext::new(
+        &slot.spec.name,
+        id,
         trigger,
-        deadline: tokio::time::Instant::now() + timeout,
-    };
+        tokio::time::Instant::now() + timeout,
+    );
+    ctx.input = active.run.input.clone();
+    let output = ctx.output.clone();
     let job = slot.job.clone();
     let mut handle = tokio::spawn(async move { job.run(ctx).await }.instrument(span));
 
@@ -279,7 +308,7 @@ async fn attempt_once(
         }
     }
 
-    match stop {
+    let mut ended = match stop {
         Stop::Joined(Ok(Ok(RunOutcome::Completed { items }))) => Ended {
             items: items.map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
             ..Ended::new(RunStatus::Succeeded, None)
@@ -326,7 +355,9 @@ async fn attempt_once(
                 )
             },
         },
-    }
+    };
+    ended.output = output.take();
+    ended
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {

@@ -31,14 +31,17 @@ pub struct Tick {
     pub job: String,
     /// Guards against ticks armed for a job definition that has since changed.
     pub generation: u64,
+    /// The firing's instant (its identity: claims, `scheduled_at`).
     pub due: chrono::DateTime<chrono::Utc>,
+    /// When it runs: `due` plus the job's jitter on this host.
+    pub at: chrono::DateTime<chrono::Utc>,
 }
 
 /// Announces each armed firing (shortly before it is due) on the dispatcher's channel.
 #[async_trait::async_trait]
 pub trait Timer: Send + Sync + 'static {
     async fn start(&self) -> Result<(), JobSchedulerError>;
-    /// Arms a one-shot that sends `tick` up to [`LEAD`] before `tick.due`.
+    /// Arms a one-shot that sends `tick` up to [`LEAD`] before `tick.at`.
     async fn arm(&self, tick: Tick) -> Result<Uuid, JobSchedulerError>;
     /// Cancels an armed one-shot (a job removed or rescheduled).
     async fn disarm(&self, id: Uuid);
@@ -74,7 +77,7 @@ impl Timer for CronTimer {
     }
 
     async fn arm(&self, tick: Tick) -> Result<Uuid, JobSchedulerError> {
-        let until_due = (tick.due - self.clock.now())
+        let until_due = (tick.at - self.clock.now())
             .to_std()
             .unwrap_or(Duration::ZERO);
         let at = std::time::Instant::now() + until_due.saturating_sub(LEAD);
@@ -136,7 +139,7 @@ impl Timer for TokioTimer {
     }
 
     async fn arm(&self, tick: Tick) -> Result<Uuid, JobSchedulerError> {
-        let until_due = (tick.due - self.clock.now())
+        let until_due = (tick.at - self.clock.now())
             .to_std()
             .unwrap_or(Duration::ZERO);
         let tx = self.ticks.clone();

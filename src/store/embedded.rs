@@ -100,6 +100,26 @@ impl EmbeddedPostgres {
         Self::start_searching(data_dir, bin_override, None)
     }
 
+    /// The embedded server if it is already running (a `vigil run` started it), for
+    /// commands that read but should not start a database (`vigil jobs`).
+    pub fn adopt_running(
+        data_dir: &Path,
+        bin_override: Option<&Path>,
+        search_path: Option<&OsStr>,
+    ) -> Result<Option<Self>, EmbeddedError> {
+        let pgdata = data_dir.join("postgres");
+        if !pgdata.join("PG_VERSION").is_file() || !pgdata.join("postmaster.pid").is_file() {
+            return Ok(None);
+        }
+        let me = Self::start_searching(data_dir, bin_override, search_path)?;
+        if me.started_here {
+            // Raced with a stop: leave things as they were.
+            me.stop()?;
+            return Ok(None);
+        }
+        Ok(Some(me))
+    }
+
     /// Like [`EmbeddedPostgres::start`], also searching `search_path` for the binaries.
     pub fn start_searching(
         data_dir: &Path,

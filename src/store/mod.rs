@@ -2,6 +2,7 @@
 
 pub mod alerts;
 pub mod embedded;
+pub mod invoke;
 mod metrics;
 pub mod readings;
 mod retention;

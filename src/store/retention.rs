@@ -31,4 +31,19 @@ impl Store {
             .await?;
         Ok(done.rows_affected())
     }
+
+    /// How many rows of `table` have `column` older than `cutoff` (a dry run).
+    pub async fn count_older_than(
+        &self,
+        table: &Ident,
+        column: &Ident,
+        cutoff: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let (t, c) = (table.quoted(), column.quoted());
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {t} WHERE {c} < $1"))
+            .bind(cutoff)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
 }

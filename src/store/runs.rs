@@ -131,12 +131,19 @@ pub struct RunRecord {
     /// The pause the job asked for before its next attempt.
     #[serde(default)]
     pub retry_after_ms: Option<i64>,
+    /// The input the run was invoked with.
+    #[serde(default)]
+    pub input: Option<serde_json::Value>,
+    /// What the attempt produced (a command's stdout), written to `run_outputs`.
+    #[serde(default)]
+    pub output: Option<RunOutput>,
 }
 
-const COLUMNS: &str = "id, job, kind, trigger, attempt, retry_of, scheduled_at, started_at, \
-                       finished_at, status, items, error, host, permanent, retry_after_ms";
+pub(super) const COLUMNS: &str = "id, job, kind, trigger, attempt, retry_of, scheduled_at, started_at, \
+                       finished_at, status, items, error, host, permanent, retry_after_ms, \
+                       input";
 
-fn from_row(row: &sqlx::postgres::PgRow) -> Result<RunRecord, StoreError> {
+pub(super) fn from_row(row: &sqlx::postgres::PgRow) -> Result<RunRecord, StoreError> {
     let bad = |e: String| StoreError::Query(sqlx::Error::Decode(e.into()));
     Ok(RunRecord {
         id: row.try_get("id")?,
@@ -154,7 +161,47 @@ fn from_row(row: &sqlx::postgres::PgRow) -> Result<RunRecord, StoreError> {
         host: row.try_get("host")?,
         permanent: row.try_get("permanent")?,
         retry_after_ms: row.try_get("retry_after_ms")?,
+        input: row.try_get("input")?,
+        output: None,
     })
+}
+
+/// What a run produced for its caller: bytes (JSON when they parse as JSON), capped.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunOutput {
+    #[serde(with = "base64_bytes")]
+    pub bytes: Vec<u8>,
+    /// More was produced than kept.
+    pub truncated: bool,
+    /// Everything produced, kept or not.
+    pub total_bytes: u64,
+}
+
+impl RunOutput {
+    /// The output as JSON when it parses as JSON, else as text (invalid UTF-8
+    /// replaced).
+    pub fn to_json(&self) -> serde_json::Value {
+        if !self.truncated
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&self.bytes)
+        {
+            return v;
+        }
+        serde_json::Value::String(String::from_utf8_lossy(&self.bytes).into_owned())
+    }
+}
+
+mod base64_bytes {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+
+    pub fn serialize<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(d)?;
+        STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
 }
 
 /// A page of run history.
@@ -189,6 +236,7 @@ impl Store {
         let mut hosts = Vec::with_capacity(runs.len());
         let mut permanents = Vec::with_capacity(runs.len());
         let mut retry_afters = Vec::with_capacity(runs.len());
+        let mut inputs = Vec::with_capacity(runs.len());
         for r in runs {
             ids.push(r.id);
             jobs.push(r.job.as_str());
@@ -205,15 +253,16 @@ impl Store {
             hosts.push(r.host.as_str());
             permanents.push(r.permanent);
             retry_afters.push(r.retry_after_ms);
+            inputs.push(r.input.clone());
         }
         let write = sqlx::query(
             "INSERT INTO job_runs (id, job, kind, trigger, attempt, retry_of, scheduled_at, \
                                    started_at, finished_at, status, items, error, host, \
-                                   permanent, retry_after_ms)
+                                   permanent, retry_after_ms, input)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], \
                                   $6::uuid[], $7::timestamptz[], $8::timestamptz[], \
                                   $9::timestamptz[], $10::text[], $11::bigint[], $12::text[], \
-                                  $13::text[], $14::bool[], $15::bigint[])
+                                  $13::text[], $14::bool[], $15::bigint[], $16::jsonb[])
              ON CONFLICT (id) DO UPDATE SET
                  finished_at = EXCLUDED.finished_at,
                  status = EXCLUDED.status,
@@ -238,9 +287,64 @@ impl Store {
         .bind(&hosts)
         .bind(&permanents)
         .bind(&retry_afters)
+        .bind(&inputs)
         .execute(&self.pool);
         self.bounded(async { Ok(write.await?) }).await?;
+        // Outputs, by run (the first attempt's id): the latest attempt's wins.
+        let outputs: Vec<&RunRecord> = runs.iter().filter(|r| r.output.is_some()).collect();
+        if !outputs.is_empty() {
+            let mut run_ids = Vec::new();
+            let mut jobs = Vec::new();
+            let mut bytes = Vec::new();
+            let mut truncated = Vec::new();
+            let mut totals = Vec::new();
+            let mut at = Vec::new();
+            for r in outputs {
+                let Some(o) = &r.output else { continue };
+                run_ids.push(r.retry_of.unwrap_or(r.id));
+                jobs.push(r.job.as_str());
+                bytes.push(o.bytes.as_slice());
+                truncated.push(o.truncated);
+                totals.push(i64::try_from(o.total_bytes).unwrap_or(i64::MAX));
+                at.push(r.finished_at.unwrap_or(r.started_at));
+            }
+            let write = sqlx::query(
+                "INSERT INTO run_outputs (run_id, job, output, truncated, total_bytes, created_at)
+                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bytea[], $4::bool[],
+                                      $5::bigint[], $6::timestamptz[])
+                 ON CONFLICT (run_id) DO UPDATE SET output = EXCLUDED.output,
+                     truncated = EXCLUDED.truncated, total_bytes = EXCLUDED.total_bytes,
+                     created_at = EXCLUDED.created_at
+                 WHERE run_outputs.created_at <= EXCLUDED.created_at",
+            )
+            .bind(&run_ids)
+            .bind(&jobs)
+            .bind(&bytes)
+            .bind(&truncated)
+            .bind(&totals)
+            .bind(&at)
+            .execute(&self.pool);
+            self.bounded(async { Ok(write.await?) }).await?;
+        }
         Ok(())
+    }
+
+    /// A run's output (by the run's id: its first attempt's).
+    pub async fn run_output(&self, run_id: Uuid) -> Result<Option<RunOutput>, StoreError> {
+        let row =
+            sqlx::query("SELECT output, truncated, total_bytes FROM run_outputs WHERE run_id = $1")
+                .bind(run_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| {
+            Ok(RunOutput {
+                bytes: r.try_get("output")?,
+                truncated: r.try_get("truncated")?,
+                total_bytes: u64::try_from(r.try_get::<i64, _>("total_bytes")?).unwrap_or(0),
+            })
+        })
+        .transpose()
+        .map_err(|e: sqlx::Error| StoreError::from(e))
     }
 
     /// Marks the runs `host` left `running` as `abandoned`; returns how many.
@@ -273,6 +377,18 @@ impl Store {
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// The latest attempt of the run whose first attempt is `run_id`.
+    pub async fn latest_attempt(&self, run_id: Uuid) -> Result<Option<RunRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM job_runs WHERE id = $1 OR retry_of = $1
+             ORDER BY attempt DESC LIMIT 1"
+        ))
+        .bind(run_id)
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(from_row).transpose()
     }
 

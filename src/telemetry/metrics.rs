@@ -35,6 +35,11 @@ pub struct NotifierOutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct JobOutcomeLabels {
     pub job: String,
     pub outcome: String,
@@ -84,6 +89,7 @@ pub struct Inner {
     pub samples_dropped: Family<JobLabels, Counter>,
     pub ledger_queued: Gauge,
     pub ledger_dropped: Counter,
+    pub ledger_outputs_dropped: Counter,
     pub loki_dropped: Counter,
     pub loki_events: Counter,
     pub log_lines: Counter,
@@ -94,6 +100,7 @@ pub struct Inner {
     pub job_health: Family<JobStateLabels, Gauge>,
     pub alert_deliveries: Family<NotifierOutcomeLabels, Counter>,
     pub heartbeats: Family<JobOutcomeLabels, Counter>,
+    pub callbacks: Family<OutcomeLabels, Counter>,
 }
 
 /// The registry and every metric in it. Cheap to clone.
@@ -178,6 +185,12 @@ impl Metrics {
             "Run records waiting to be written",
             ledger_queued.clone(),
         );
+        let ledger_outputs_dropped = Counter::default();
+        registry.register(
+            "ledger_dropped_outputs",
+            "Run outputs let go while PostgreSQL was away, past the queue's output cap (the rows were kept)",
+            ledger_outputs_dropped.clone(),
+        );
         let ledger_dropped = Counter::default();
         registry.register(
             "ledger_dropped_records",
@@ -244,8 +257,15 @@ impl Metrics {
             "Heartbeat calls by job and outcome (sent, failed)",
             heartbeats.clone(),
         );
+        let callbacks = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "callbacks",
+            "Run callback delivery attempts by outcome (delivered, failed, gave_up)",
+            callbacks.clone(),
+        );
         Self(Arc::new(Inner {
             registry,
+            callbacks,
             job_last_success,
             job_next_fire,
             job_running,
@@ -262,6 +282,7 @@ impl Metrics {
             samples_dropped,
             ledger_queued,
             ledger_dropped,
+            ledger_outputs_dropped,
             loki_dropped,
             loki_events,
             log_lines,
@@ -367,6 +388,14 @@ impl Metrics {
         self.alert_deliveries
             .get_or_create(&NotifierOutcomeLabels {
                 notifier: notifier.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn callback(&self, outcome: &str) {
+        self.callbacks
+            .get_or_create(&OutcomeLabels {
                 outcome: outcome.to_owned(),
             })
             .inc();

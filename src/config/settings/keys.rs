@@ -81,6 +81,9 @@ pub const KEYS: &[Key] = &[
     key("max_connections", "VIGIL_MAX_CONNECTIONS", RunnerAndEnv),
     key("reading_sync_job", "VIGIL_READING_SYNC_JOB", RunnerAndEnv),
     key("watch_config", "VIGIL_WATCH_CONFIG", RunnerAndEnv),
+    key("max_input_bytes", "VIGIL_MAX_INPUT_BYTES", RunnerAndEnv),
+    key("callback_allow", "VIGIL_CALLBACK_ALLOW", RunnerAndEnv),
+    key("callback_secret", "VIGIL_CALLBACK_SECRET", EnvOnly),
 ];
 
 /// `VIGIL_*` variables read elsewhere than this table (the CLI's and logging's own).
@@ -140,3 +143,6 @@ pub const DEFAULT_LOKI_MAX_BUFFER: usize = 8 << 20;
 /// Editing jobs.toml is how operators change jobs; SIGHUP and the API stay available
 /// where file events do not arrive (some network file systems).
 pub const DEFAULT_WATCH_CONFIG: bool = true;
+/// A run's input (`POST /api/jobs/{name}/runs`): room for real parameters, not a bulk
+/// upload.
+pub const DEFAULT_MAX_INPUT_BYTES: usize = 256 << 10;

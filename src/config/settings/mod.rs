@@ -83,6 +83,13 @@ pub struct Settings {
     pub loki_max_buffer: usize,
     /// Whether `vigil run` reloads the jobs file when it changes on disk.
     pub watch_config: bool,
+    /// Largest accepted run input, in bytes.
+    pub max_input_bytes: usize,
+    /// Hosts (`host` or `host:port`, `*` wildcards) a `Callback-Url` may name; none:
+    /// no callbacks.
+    pub callback_allow: Vec<String>,
+    /// Signs callback bodies (`X-Vigil-Signature`) when set.
+    pub callback_secret: Option<Secret>,
 }
 
 impl Settings {
@@ -233,6 +240,19 @@ impl Settings {
                 64 << 10,
             ),
             watch_config: r.flag("watch_config", DEFAULT_WATCH_CONFIG),
+            max_input_bytes: r.bytes(
+                "max_input_bytes",
+                DEFAULT_MAX_INPUT_BYTES,
+                "a size such as 256KiB or 1MiB, at least 1KiB",
+                1 << 10,
+            ),
+            callback_allow: r.parsed(
+                "callback_allow",
+                Vec::new(),
+                "comma-separated host patterns such as hooks.example.com, *.internal or 10.0.0.5:8080",
+                read::parse_host_patterns,
+            ),
+            callback_secret: r.string("callback_secret").map(Secret::new),
         };
         // A gateway reachable from other machines is closed unless someone chose
         // otherwise, twice: by a token, or by saying so.

@@ -366,3 +366,18 @@ pub fn parse_bool(s: &str) -> Option<bool> {
         _ => None,
     }
 }
+
+/// `VIGIL_CALLBACK_ALLOW`: host patterns (`host`, `host:port`, `*` wildcards), lower case.
+pub fn parse_host_patterns(text: &str) -> Option<Vec<String>> {
+    let mut out = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let ok = item
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '*' | ':' | '[' | ']'));
+        if !ok || item.contains("://") {
+            return None;
+        }
+        out.push(item.to_ascii_lowercase());
+    }
+    Some(out)
+}

@@ -38,7 +38,106 @@ pub const KIND: Kind = Kind {
     default_scope: Scope::Cluster,
     read: |r| r.read::<MongoSyncConfig>().map(JobSettings::new),
     build,
+    input: super::InputSpec {
+        schema: || {
+            serde_json::json!({
+                "type": "object",
+                "additionalProperties": false,
+                "properties": {
+                    "filter": {
+                        "type": "object",
+                        "description": "A MongoDB query (extended JSON) that pending documents must also match: it narrows the pending filter, never replaces it. $where, $function and $accumulator are refused."
+                    },
+                    "limit": {
+                        "type": "integer", "minimum": 1, "maximum": MAX_INPUT_LIMIT,
+                        "description": "Take at most this many pending documents in this run."
+                    }
+                }
+            })
+        },
+        check: |v| SyncInput::parse(v).map(|_| ()),
+    },
 };
+
+/// The most documents one invoked run may be asked to take.
+const MAX_INPUT_LIMIT: u64 = 100_000_000;
+
+/// Operators that run JavaScript on the server: never from a request.
+const REFUSED_OPERATORS: [&str; 3] = ["$where", "$function", "$accumulator"];
+
+/// A run's input: which pending documents to take.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SyncInput {
+    pub filter: Option<mongodb::bson::Document>,
+    pub limit: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSyncInput {
+    filter: Option<serde_json::Map<String, serde_json::Value>>,
+    limit: Option<u64>,
+}
+
+impl SyncInput {
+    pub fn parse(v: &serde_json::Value) -> Result<Self, super::InputError> {
+        let raw: RawSyncInput = super::typed_input(v)?;
+        if let Some(n) = raw.limit
+            && !(1..=MAX_INPUT_LIMIT).contains(&n)
+        {
+            return Err(super::InputError::at(
+                "limit",
+                format!("must be between 1 and {MAX_INPUT_LIMIT}, found {n}"),
+            ));
+        }
+        let filter = match raw.filter {
+            None => None,
+            Some(map) => {
+                let json = serde_json::Value::Object(map);
+                refuse_operators(&json, "filter")?;
+                match Bson::try_from(json) {
+                    Ok(Bson::Document(d)) => Some(d),
+                    Ok(_) => {
+                        return Err(super::InputError::at("filter", "must be an object"));
+                    }
+                    Err(e) => {
+                        return Err(super::InputError::at(
+                            "filter",
+                            format!("not a MongoDB query in extended JSON: {e}"),
+                        ));
+                    }
+                }
+            }
+        };
+        Ok(Self {
+            filter,
+            limit: raw.limit,
+        })
+    }
+}
+
+fn refuse_operators(v: &serde_json::Value, path: &str) -> Result<(), super::InputError> {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let here = format!("{path}.{k}");
+                if REFUSED_OPERATORS.contains(&k.as_str()) {
+                    return Err(super::InputError::at(
+                        here,
+                        "runs JavaScript on the server; not allowed in a request",
+                    ));
+                }
+                refuse_operators(v, &here)?;
+            }
+            Ok(())
+        }
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, v)| refuse_operators(v, &format!("{path}[{i}]"))),
+        _ => Ok(()),
+    }
+}
 
 fn build(spec: &JobSpec, deps: &Deps) -> Result<std::sync::Arc<dyn Job>, JobError> {
     let c: &MongoSyncConfig = super::settings(spec)?;
@@ -307,7 +406,22 @@ impl MongoSync {
         let mut rejected = 0u64;
         let mut previous_first: Option<Bson> = None;
         let mut slowest_batch = Duration::ZERO;
+        let input = match ctx.input.as_deref() {
+            Some(v) => SyncInput::parse(v).map_err(|e| JobError::Permanent(e.to_string()))?,
+            None => SyncInput::default(),
+        };
+        let pending = doc! { c.status_field.as_str(): c.pending.as_str() };
+        // The request narrows what is pending; it never widens it.
+        let query = match &input.filter {
+            Some(f) => doc! { "$and": [pending, f.clone()] },
+            None => pending,
+        };
+        let mut left = input.limit;
         loop {
+            if left == Some(0) {
+                tracing::info!(loaded, rejected, "the run's input limit is reached");
+                break;
+            }
             // Stop starting batches when one more might not finish before the timeout.
             let margin = (slowest_batch * 2).max(Duration::from_secs(1));
             if Instant::now() + margin >= ctx.deadline {
@@ -319,10 +433,11 @@ impl MongoSync {
                 break;
             }
             let started = Instant::now();
+            let take = left.map_or(u64::from(batch), |n| n.min(u64::from(batch)));
             let found = collection
-                .find(doc! { c.status_field.as_str(): c.pending.as_str() })
+                .find(query.clone())
                 .sort(doc! { "_id": 1 })
-                .limit(i64::from(batch))
+                .limit(i64::try_from(take).unwrap_or(i64::MAX))
                 .batch_size(batch)
                 .await;
             let mut cursor = match found {
@@ -358,6 +473,9 @@ impl MongoSync {
             }
             previous_first = first;
             let fetched = docs.len();
+            if let Some(n) = &mut left {
+                *n = n.saturating_sub(fetched as u64);
+            }
 
             let outcome = self.load_documents(docs).await?;
 

@@ -39,6 +39,7 @@ pub const KIND: Kind = Kind {
     default_scope: Scope::Host,
     read: |r| r.read::<SystemMetricsConfig>().map(JobSettings::new),
     build,
+    input: super::InputSpec::NONE,
 };
 
 fn build(spec: &JobSpec, deps: &Deps) -> Result<Arc<dyn Job>, JobError> {
