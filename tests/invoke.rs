@@ -163,6 +163,19 @@ async fn a_command_job_reads_its_input_on_stdin_and_returns_its_output() {
     assert_eq!(out.headers()["x-vigil-output-truncated"], "false");
     assert_eq!(out.json::<Value>().await.unwrap(), input);
 
+    // What PostgreSQL's jsonb cannot hold (U+0000, in a key or a string) is kept
+    // losslessly, not refused and not lost.
+    let hostile = json!({ "k\u{0}ey": ["nul \u{0} inside", { "$vigil_json_base64": 1 }] });
+    let (s, _, body) = r
+        .invoke("/api/jobs/echo/runs?wait=true", &hostile, &[])
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["output"], hostile, "{body}");
+    let (_, run) = r
+        .get(&format!("/api/runs/{}", body["run_id"].as_str().unwrap()))
+        .await;
+    assert_eq!(run["input"], hostile, "{run}");
+
     // The environment names the run, the job and the trigger.
     let (s, _, body) = r
         .invoke("/api/jobs/whoami/runs?wait=true", &Value::Null, &[])
@@ -769,7 +782,7 @@ async fn callbacks_to_hosts_not_allowed_are_refused_and_start_nothing() {
             &[("Callback-Url", &url)],
         )
         .await;
-    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
     assert_eq!(body["error"], "callback_refused");
     assert!(
         body["message"]
@@ -788,8 +801,6 @@ async fn callbacks_to_hosts_not_allowed_are_refused_and_start_nothing() {
         url.as_str(),
         "http://169.254.169.254/latest/meta-data",
         "http://hooks.example.com.evil.net/",
-        "file:///etc/passwd",
-        "not a url",
     ] {
         let (s, _, body) = on
             .invoke(
@@ -798,8 +809,18 @@ async fn callbacks_to_hosts_not_allowed_are_refused_and_start_nothing() {
                 &[("Callback-Url", url)],
             )
             .await;
-        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{url}: {body}");
+        assert_eq!(s, StatusCode::FORBIDDEN, "{url}: {body}");
         assert_eq!(body["error"], "callback_refused", "{body}");
+    }
+    for url in ["file:///etc/passwd", "not a url"] {
+        let (s, _, body) = on
+            .invoke(
+                "/api/jobs/echo/runs",
+                &Value::Null,
+                &[("Callback-Url", url)],
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{url}: {body}");
     }
     assert!(run_rows(&c.db, "echo").await.is_empty());
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -895,6 +916,16 @@ async fn a_pause_holds_on_every_replica_and_across_a_restart_until_resumed() {
         .invoke("/api/jobs/tick/pause?until=yesterday", &Value::Null, &[])
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    // A time already past is a pause that has ended: nothing is paused by it.
+    let (s, _, body) = a
+        .invoke(
+            "/api/jobs/tick/pause?until=2020-01-01T00:00:00Z",
+            &Value::Null,
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["paused"], false, "{body}");
     tokio::time::sleep(Duration::from_secs(5)).await;
     let from = chrono::Utc::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -921,7 +952,8 @@ async fn jitter_delays_each_firing_by_a_stable_amount_below_its_bound() {
     .jobs
     .remove(0);
     let mut offsets = Vec::new();
-    for (host, round) in [("jitter-a", 0), ("jitter-b", 0), ("jitter-a", 1)] {
+    for host in ["jitter-a", "jitter-b", "jitter-a"] {
+        let began = chrono::Utc::now();
         let r = c.replica(host, &[]).await;
         let expected = spec.jitter_on(host);
         assert!(expected < Duration::from_millis(1500));
@@ -934,14 +966,16 @@ async fn jitter_delays_each_firing_by_a_stable_amount_below_its_bound() {
             (into_period - expected.as_millis() as i64).abs() <= 1,
             "{host}: next_fire {next} vs jitter {expected:?}"
         );
-        tokio::time::sleep(Duration::from_millis(4500)).await;
+        tokio::time::sleep(Duration::from_millis(7500)).await;
         r.stop().await;
+        // A firing due within the timer's lead of start-up may start late whatever the
+        // jitter: judge the ones after it.
         let rows: Vec<_> = run_rows(&c.db, "spread")
             .await
             .into_iter()
-            .filter(|r| r.host == host)
+            .filter(|r| r.host == host && r.scheduled_at > began + chrono::Duration::seconds(2))
             .collect();
-        assert!(rows.len() >= 2 * (round + 1), "{host}: {rows:?}");
+        assert!(rows.len() >= 2, "{host}: {rows:?}");
         for row in &rows {
             // Firings keep their instant (a multiple of 2 s); the start comes later.
             assert_eq!(row.scheduled_at.timestamp_millis() % 2000, 0, "{row:?}");

@@ -310,7 +310,7 @@ async fn deliver_loop(inner: Arc<Inner>) {
     }
 }
 
-async fn deliver(inner: &Inner, p: crate::store::invoke::PendingCallback) {
+async fn deliver(inner: &Arc<Inner>, p: crate::store::invoke::PendingCallback) {
     let started = Instant::now();
     let body = serde_json::to_vec(&p.payload).unwrap_or_default();
     let mut req = inner
@@ -363,6 +363,17 @@ async fn deliver(inner: &Inner, p: crate::store::invoke::PendingCallback) {
         .await
     {
         tracing::warn!(run_id = %p.run_id, error = %e, "cannot record a callback attempt");
+    }
+    // The retry is due at its time, not at the next poll after it.
+    if let Some(next) = retry_at {
+        let wait = (next - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        let waker = inner.clone();
+        inner.tasks.spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(wait) => waker.wake.notify_one(),
+                () = waker.stop.cancelled() => {}
+            }
+        });
     }
 }
 

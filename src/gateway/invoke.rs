@@ -3,7 +3,6 @@
 //! and resuming jobs. Every run still starts through the scheduler.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -261,21 +260,22 @@ fn callback_url(state: &State, headers: &HeaderMap) -> Result<Option<String>, Ap
     let Some(v) = headers.get(CALLBACK_URL) else {
         return Ok(None);
     };
+    use crate::alerts::callbacks::{CallbackRefused, check_url};
     let url = v.to_str().unwrap_or("").trim();
-    let refused = |message: String| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
+    // Not a URL is the client's mistake (400); a host vigil may not call is policy (403).
+    let refused = |e: CallbackRefused| match e {
+        CallbackRefused::NotAUrl => ApiError::bad_request(format!("`Callback-Url`: {e}")),
+        _ => ApiError::new(
+            StatusCode::FORBIDDEN,
             "callback_refused",
-            format!("Callback-Url: {message}"),
-        )
+            format!("Callback-Url: {e}"),
+        ),
     };
-    if state.invoke.callbacks.is_none() {
-        return Err(refused(
-            crate::alerts::callbacks::CallbackRefused::Disabled.to_string(),
-        ));
-    }
-    crate::alerts::callbacks::check_url(url, &state.invoke.callback_allow)
-        .map_err(|e| refused(e.to_string()))?;
+    let allow: &[String] = match &state.invoke.callbacks {
+        Some(_) => &state.invoke.callback_allow,
+        None => &[],
+    };
+    check_url(url, allow).map_err(refused)?;
     Ok(Some(url.to_owned()))
 }
 
@@ -335,10 +335,11 @@ pub async fn pause(state: &State, name: &str, params: &Params) -> Result<Reply, 
         .pause_job(name, until, state.scheduler.host())
         .await?;
     refresh_pauses(state).await;
-    tracing::info!(job = name, until = ?until, "job paused");
+    let paused = until.is_none_or(|u| u > now);
+    tracing::info!(job = name, until = ?until, paused, "job paused");
     Ok(Reply::json(
         StatusCode::OK,
-        json!({ "job": name, "paused": true, "paused_until": until }),
+        json!({ "job": name, "paused": paused, "paused_until": until }),
     ))
 }
 
@@ -362,31 +363,36 @@ async fn refresh_pauses(state: &State) {
     }
 }
 
-/// `until`: an RFC 3339 time or a duration from now (`30m`, `2h`), in the future.
+/// `until`: an RFC 3339 time, or a duration from now: 1 to 9999 of one unit, `s`, `m`,
+/// `h` or `d` (`30m`, `2h`), as the API description's pattern says. A time already
+/// past is a pause that has ended (the job is not paused).
 fn parse_until(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, ApiError> {
-    let at = DateTime::parse_from_rfc3339(text)
+    let duration = || {
+        let unit = text.chars().last()?;
+        let seconds = match unit {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return None,
+        };
+        let digits = &text[..text.len() - 1];
+        let ok = (1..=4).contains(&digits.len())
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && !digits.starts_with('0');
+        let n: i64 = digits.parse().ok().filter(|_| ok)?;
+        now.checked_add_signed(chrono::Duration::seconds(n * seconds))
+    };
+    DateTime::parse_from_rfc3339(text)
         .map(|t| t.with_timezone(&Utc))
         .ok()
-        .or_else(|| {
-            humantime::parse_duration(text)
-                .ok()
-                .filter(|d| *d <= Duration::from_secs(10 * 365 * 24 * 3600))
-                .and_then(|d| chrono::Duration::from_std(d).ok())
-                .map(|d| now + d)
-        })
+        .or_else(duration)
         .ok_or_else(|| {
             ApiError::bad_request(format!(
-                "`until` must be an RFC 3339 time like 2026-01-31T12:00:00Z or a duration like \
-                 30m, got {text:?}"
+                "`until` must be an RFC 3339 time like 2026-01-31T12:00:00Z or a duration from \
+                 now like 30m, 2h or 7d (1 to 9999 seconds, minutes, hours or days), got {text:?}"
             ))
-        })?;
-    if at <= now {
-        return Err(ApiError::bad_request(format!(
-            "`until` {} is not in the future",
-            at.to_rfc3339()
-        )));
-    }
-    Ok(at)
+        })
 }
 
 #[cfg(test)]
@@ -440,8 +446,16 @@ mod tests {
                 .to_rfc3339(),
             "2026-12-01T23:00:00+00:00"
         );
-        assert!(parse_until("2026-12-01T09:00:00Z", now).is_err());
-        assert!(parse_until("tomorrow", now).is_err());
-        assert!(parse_until("0s", now).is_err());
+        // Already past: valid, and a pause that has ended.
+        assert!(parse_until("2026-12-01T09:00:00Z", now).unwrap() < now);
+        assert_eq!(
+            parse_until("7d", now).unwrap().to_rfc3339(),
+            "2026-12-08T10:00:00+00:00"
+        );
+        for bad in [
+            "tomorrow", "", "0", "0s", "030m", "10000h", "1h30m", "5 m", "2w",
+        ] {
+            assert!(parse_until(bad, now).is_err(), "{bad:?}");
+        }
     }
 }

@@ -69,31 +69,6 @@ impl InputError {
     }
 }
 
-/// PostgreSQL's `jsonb` holds any JSON but U+0000: an input with one is refused at
-/// the door, naming where, rather than losing its run's ledger row later.
-fn storable(v: &serde_json::Value, path: &str) -> Result<(), InputError> {
-    let nul = |at: String| InputError::at(at, "contains U+0000, which PostgreSQL cannot store");
-    match v {
-        serde_json::Value::String(s) if s.contains('\0') => Err(nul(path.to_owned())),
-        serde_json::Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .try_for_each(|(i, v)| storable(v, &format!("{path}[{i}]"))),
-        serde_json::Value::Object(map) => map.iter().try_for_each(|(k, v)| {
-            let here = if path.is_empty() {
-                k.clone()
-            } else {
-                format!("{path}.{k}")
-            };
-            if k.contains('\0') {
-                return Err(nul(here));
-            }
-            storable(v, &here)
-        }),
-        _ => Ok(()),
-    }
-}
-
 /// Reads an input as `T` (`deny_unknown_fields`), naming the field serde names.
 pub fn typed_input<T: serde::de::DeserializeOwned>(
     input: &serde_json::Value,
@@ -146,10 +121,8 @@ impl Registry {
         self.kinds.iter().find(|k| k.name == name)
     }
 
-    /// Checks a run's input for a job of `kind`: storable in `job_runs.input`, then
-    /// the kind's own rules.
+    /// Checks a run's input for a job of `kind` against the kind's own rules.
     pub fn check_input(&self, kind: &str, input: &serde_json::Value) -> Result<(), InputError> {
-        storable(input, "")?;
         match self.kind(kind) {
             Some(k) => (k.input.check)(input),
             None => Err(InputError::at("", format!("unknown job kind {kind:?}"))),
@@ -369,25 +342,6 @@ pub fn build(spec: &JobSpec, deps: &Deps) -> Result<Arc<dyn Job>, JobError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn inputs_with_u0000_anywhere_are_refused_naming_where() {
-        let r = Registry::builtin();
-        let ok = serde_json::json!({ "a": ["x", { "b": "fine \u{1F600}" }] });
-        assert_eq!(r.check_input("command", &ok), Ok(()));
-        for (input, field) in [
-            (serde_json::json!("a\u{0}b"), ""),
-            (
-                serde_json::json!({ "a": ["x", { "b": "\u{0}" }] }),
-                "a[1].b",
-            ),
-            (serde_json::json!({ "k\u{0}ey": 1 }), "k\u{0}ey"),
-        ] {
-            let e = r.check_input("command", &input).unwrap_err();
-            assert_eq!(e.field, field, "{input}");
-            assert!(e.message.contains("U+0000"));
-        }
-    }
 
     #[test]
     fn type_errors_in_an_input_name_their_field() {

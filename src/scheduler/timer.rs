@@ -80,6 +80,13 @@ impl Timer for CronTimer {
         let until_due = (tick.at - self.clock.now())
             .to_std()
             .unwrap_or(Duration::ZERO);
+        // Within the lead already (the first firing after a start, say): announce it
+        // now and let the dispatcher wait for the instant; the crate would fire a
+        // one-shot in the past only at its next tick, up to half a second late.
+        if until_due <= LEAD {
+            let _ = self.ticks.send(tick);
+            return Ok(Uuid::new_v4());
+        }
         let at = std::time::Instant::now() + until_due.saturating_sub(LEAD);
         let tx = self.ticks.clone();
         let job = Job::new_one_shot_at_instant_async(at, move |_id, _sched| {

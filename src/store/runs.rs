@@ -161,9 +161,53 @@ pub(super) fn from_row(row: &sqlx::postgres::PgRow) -> Result<RunRecord, StoreEr
         host: row.try_get("host")?,
         permanent: row.try_get("permanent")?,
         retry_after_ms: row.try_get("retry_after_ms")?,
-        input: row.try_get("input")?,
+        input: row
+            .try_get::<Option<serde_json::Value>, _>("input")?
+            .map(input_from_column),
         output: None,
     })
+}
+
+/// How an input that `jsonb` cannot hold as is (U+0000 in a string or key) is stored:
+/// its JSON text in base64 under this one key. Any input shaped like that marker is
+/// stored so too, so reading back is never ambiguous.
+const ENCODED_INPUT: &str = "$vigil_json_base64";
+
+fn input_to_column(input: &serde_json::Value) -> serde_json::Value {
+    use base64::Engine as _;
+    fn has_nul(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::String(s) => s.contains('\0'),
+            serde_json::Value::Array(items) => items.iter().any(has_nul),
+            serde_json::Value::Object(map) => {
+                map.iter().any(|(k, v)| k.contains('\0') || has_nul(v))
+            }
+            _ => false,
+        }
+    }
+    let looks_encoded = input
+        .as_object()
+        .is_some_and(|m| m.len() == 1 && m.contains_key(ENCODED_INPUT));
+    if has_nul(input) || looks_encoded {
+        let text = input.to_string();
+        serde_json::json!({
+            ENCODED_INPUT: base64::engine::general_purpose::STANDARD.encode(text.as_bytes())
+        })
+    } else {
+        input.clone()
+    }
+}
+
+fn input_from_column(stored: serde_json::Value) -> serde_json::Value {
+    use base64::Engine as _;
+    let encoded = stored
+        .as_object()
+        .filter(|m| m.len() == 1)
+        .and_then(|m| m.get(ENCODED_INPUT))
+        .and_then(serde_json::Value::as_str)
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    encoded.unwrap_or(stored)
 }
 
 /// What a run produced for its caller: bytes (JSON when they parse as JSON), capped.
@@ -253,7 +297,7 @@ impl Store {
             hosts.push(r.host.as_str());
             permanents.push(r.permanent);
             retry_afters.push(r.retry_after_ms);
-            inputs.push(r.input.clone());
+            inputs.push(r.input.as_ref().map(input_to_column));
         }
         let write = sqlx::query(
             "INSERT INTO job_runs (id, job, kind, trigger, attempt, retry_of, scheduled_at, \
@@ -434,6 +478,21 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inputs_jsonb_cannot_hold_round_trip_through_their_column_form() {
+        let plain = serde_json::json!({ "a": [1, "two", null] });
+        assert_eq!(input_to_column(&plain), plain, "stored as is");
+        for hostile in [
+            serde_json::json!("nul \u{0} inside"),
+            serde_json::json!({ "k\u{0}": [{ "deep": "\u{0}" }] }),
+            serde_json::json!({ ENCODED_INPUT: "not base64 at all" }),
+        ] {
+            let stored = input_to_column(&hostile);
+            assert!(!stored.to_string().contains("\\u0000"), "{stored}");
+            assert_eq!(input_from_column(stored), hostile);
+        }
+    }
 
     #[test]
     fn statuses_and_triggers_round_trip_through_their_column_text() {
