@@ -175,7 +175,7 @@ async fn main() {
         vigil_rate
     );
     println!(
-        "  vigil / baseline: {:.2}x the runs per second; each run costs {:.2} ms more",
+        "  vigil / baseline: {:.2}x the runs per second; {:.2} ms more wall time per run in flight",
         vigil_rate / base_rate,
         (1.0 / vigil_rate - 1.0 / base_rate) * 1000.0 * concurrency as f64
     );

@@ -366,7 +366,9 @@ async fn deliver(inner: &Arc<Inner>, p: crate::store::invoke::PendingCallback) {
     }
     // The retry is due at its time, not at the next poll after it.
     if let Some(next) = retry_at {
-        let wait = (next - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        let wait = (next - chrono::Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO);
         let waker = inner.clone();
         inner.tasks.spawn(async move {
             tokio::select! {

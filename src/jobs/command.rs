@@ -368,7 +368,11 @@ impl Job for CommandJob {
 
         let budget = AtomicUsize::new(*c.max_log_bytes.get_ref());
         let max_line = *c.max_line_bytes.get_ref();
-        let max_output = *c.max_output_bytes.get_ref();
+        let max_output = if ctx.output.wanted() {
+            *c.max_output_bytes.get_ref()
+        } else {
+            0
+        };
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let pumps = async {

@@ -211,17 +211,37 @@ impl RunContext {
 
 pub use crate::store::runs::RunOutput;
 
-/// Where a run puts its output; the scheduler takes it when the attempt ends.
+/// Where a run puts its output; the scheduler takes it when the attempt ends. Only
+/// runs someone invoked keep one (a scheduled run's stdout is in its logs): a chatty
+/// job on a short schedule would otherwise store a megabyte a firing.
 #[derive(Debug, Clone, Default)]
-pub struct OutputSink(Arc<std::sync::Mutex<Option<RunOutput>>>);
+pub struct OutputSink {
+    slot: Arc<std::sync::Mutex<Option<RunOutput>>>,
+    wanted: bool,
+}
 
 impl OutputSink {
+    /// A sink whose output is kept (`wanted`) or not asked for.
+    pub fn new(wanted: bool) -> Self {
+        Self {
+            slot: Arc::default(),
+            wanted,
+        }
+    }
+
+    /// Whether anyone will read the output: a job need not capture it otherwise.
+    pub fn wanted(&self) -> bool {
+        self.wanted
+    }
+
     pub fn set(&self, output: RunOutput) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(output);
+        if self.wanted {
+            *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(output);
+        }
     }
 
     pub fn take(&self) -> Option<RunOutput> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.slot.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
 

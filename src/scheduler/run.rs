@@ -286,6 +286,8 @@ async fn attempt_once(
         tokio::time::Instant::now() + timeout,
     );
     ctx.input = active.run.input.clone();
+    // The run's first trigger says who asked: a manual run (API, CLI) keeps its output.
+    ctx.output = crate::jobs::OutputSink::new(active.run.trigger == Trigger::Manual);
     let output = ctx.output.clone();
     let job = slot.job.clone();
     let mut handle = tokio::spawn(async move { job.run(ctx).await }.instrument(span));
