@@ -16,9 +16,20 @@ case "${1:-}" in
     "${exec_prefix[@]}" pg_dump --format=custom --no-owner --no-privileges
     ;;
   restore)
-    # One transaction: a failed restore leaves the database as it was.
-    "${exec_prefix[@]}" pg_restore --clean --if-exists --no-owner --no-privileges \
-      --single-transaction --exit-on-error --dbname="${PGDATABASE:-vigil}"
+    # pg_restore --clean cannot replace partitioned tables (it drops each partition's
+    # inherited key on its own, which PostgreSQL refuses). So: drop every table the
+    # dump holds (a partitioned one with its partitions), then replay the dump, all in
+    # one transaction: a failed restore leaves the database as it was.
+    dump=$(mktemp)
+    trap 'rm -f "$dump"' EXIT
+    cat >"$dump"
+    tables=$("${exec_prefix[@]}" pg_restore --list <"$dump" \
+      | awk '$4 == "TABLE" && $5 != "DATA" && $5 !~ /^pg_/ { printf "DROP TABLE IF EXISTS \"%s\".\"%s\" CASCADE;\n", $5, $6 }')
+    {
+      printf '%s\n' "$tables"
+      "${exec_prefix[@]}" pg_restore --no-owner --no-privileges --file=- <"$dump"
+    } | "${exec_prefix[@]}" psql -X -q -v ON_ERROR_STOP=1 --single-transaction \
+          --dbname="${PGDATABASE:-vigil}" >/dev/null
     ;;
   *)
     echo "usage: $0 dump > FILE | restore < FILE" >&2

@@ -268,7 +268,7 @@ fn the_environment_is_read_only_in_config() {
         }
         let text = std::fs::read_to_string(&path).unwrap();
         for (n, line) in code_lines(&text) {
-            if let Some(r) = reads.iter().find(|r| line.contains(*r)) {
+            if let Some(r) = reads.iter().find(|r| reads_with(line, r)) {
                 problems.push(format!(
                     "{}:{n}: reads the environment ({r}) outside config/: {}",
                     shown(&path),
@@ -278,6 +278,17 @@ fn the_environment_is_read_only_in_config() {
         }
     }
     assert!(problems.is_empty(), "\n{}", problems.join("\n"));
+}
+
+/// `line` uses `pattern` as a word of its own: `env = "X"` (clap reading a variable),
+/// not `target_env = "gnu"` (a `cfg` naming the C library).
+fn reads_with(line: &str, pattern: &str) -> bool {
+    line.match_indices(pattern).any(|(at, _)| {
+        !line[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_alphanumeric() || c == '_')
+    })
 }
 
 #[test]
@@ -307,6 +318,9 @@ fn the_checks_see_what_they_look_for() {
         code_lines("a // crate::jobs\n// crate::x\n#[cfg(test)]\nb"),
         [(1, "a ")]
     );
+    assert!(reads_with("#[arg(long, env = \"VIGIL_X\")]", "env = \""));
+    assert!(reads_with("std::env::var(\"X\")", "env::var("));
+    assert!(!reads_with("#[cfg(target_env = \"gnu\")]", "env = \""));
     assert!(sources().len() > 30, "found the sources");
     assert_eq!(
         module_of(&sources()[0]),

@@ -132,6 +132,11 @@ async fn postgres_stopped_across_fire_times_leaves_exactly_one_row_per_firing() 
             "{job}: {} firings during the outage",
             outage.len()
         );
+        println!(
+            "{job}: {} firings from first to last, one row each; {} during the outage",
+            firings.len(),
+            outage.len()
+        );
         if job == "cluster-tick" {
             // Nobody could claim them: recorded failed, with the reason.
             for r in &outage {
@@ -387,6 +392,11 @@ async fn samples_and_ledger_rows_queued_at_shutdown_survive_a_restart() {
         })
         .await;
     assert!(runs.iter().all(|(_, n)| *n == 1), "{runs:?}");
+    println!(
+        "after the restart: {} samples of the outage, once each, in order; {} ledger rows",
+        outage.len(),
+        runs.len()
+    );
     drop(second);
     store.close().await;
 }

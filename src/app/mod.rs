@@ -46,8 +46,15 @@ pub struct Database {
 }
 
 impl Database {
-    /// Connects to the configured database, or starts the embedded one.
+    /// Connects to the configured database, or starts the embedded one, with the
+    /// pool a vigil running any job needs.
     pub async fn open(settings: &Settings) -> Result<Self, AppError> {
+        Self::open_for(settings, false).await
+    }
+
+    /// Like [`Database::open`]; `host_only`: every job is host-scoped, so the pool is
+    /// the small one of [`Settings::pool_size`].
+    pub async fn open_for(settings: &Settings, host_only: bool) -> Result<Self, AppError> {
         let (target, embedded) = match &settings.database {
             Some(target) => (Target::from_settings(target)?, None),
             None => {
@@ -77,7 +84,7 @@ impl Database {
             }
         };
         let pool = PoolOptions {
-            max_connections: settings.db_max_connections,
+            max_connections: settings.pool_size(host_only),
             lock_connections: settings.db_lock_connections,
             acquire_timeout: settings.db_acquire_timeout,
             statement_timeout: settings.db_statement_timeout,
@@ -220,6 +227,7 @@ impl App {
             scheduler.clone(),
             reload_stop.clone(),
         ));
+        tokio::spawn(keep_partitions(store.clone(), reload_stop.clone()));
         scheduler.start().await?;
         reloader.spawn_triggers(config.settings.watch_config, reload_stop.clone());
         let state = gateway::State {
@@ -310,6 +318,22 @@ impl App {
     }
 }
 
+/// How often the time partitions ahead are looked after (a week of days is kept
+/// ready, so an hour is far inside it).
+const PARTITIONS_EVERY: Duration = Duration::from_secs(3600);
+
+async fn keep_partitions(store: Store, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(PARTITIONS_EVERY) => {}
+            () = stop.cancelled() => return,
+        }
+        if let Err(e) = store.ensure_partitions(chrono::Utc::now()).await {
+            tracing::warn!(error = %e, "cannot create the time partitions ahead; samples go to the default partition until they exist");
+        }
+    }
+}
+
 /// How often a replica re-reads the paused jobs: a pause made through another
 /// replica's API is obeyed here within this.
 pub const PAUSES_EVERY: Duration = Duration::from_secs(1);
@@ -343,7 +367,12 @@ pub async fn run(
     metrics: Metrics,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AppError> {
-    let db = Database::open(&config.settings).await?;
+    let host_only = config
+        .file
+        .jobs
+        .iter()
+        .all(|j| j.scope == crate::config::Scope::Host);
+    let db = Database::open_for(&config.settings, host_only).await?;
     let result = match App::start_with(&config, &db.store, metrics).await {
         Ok(app) => {
             shutdown.await;

@@ -439,13 +439,18 @@ impl Store {
     }
 
     /// Incidents still open, oldest first.
+    /// Every open incident, from the partial index of open ones (never the history).
     pub async fn open_incidents(&self) -> Result<Vec<Incident>, StoreError> {
-        self.incidents(&IncidentQuery {
-            open: Some(true),
-            limit: 10_000,
-            ..IncidentQuery::default()
-        })
-        .await
+        let call = async {
+            let rows = sqlx::query(&open_incidents_sql())
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter()
+                .map(incident)
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(StoreError::from)
+        };
+        self.bounded(call).await
     }
 
     /// Incidents newest first, filtered and paged by keyset.
@@ -530,4 +535,12 @@ async fn queue(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// Open incidents: `alert_incidents_open_idx` holds exactly these rows.
+pub fn open_incidents_sql() -> String {
+    format!(
+        "SELECT {INCIDENT_COLUMNS} FROM alert_incidents WHERE resolved_at IS NULL
+         ORDER BY id DESC"
+    )
 }

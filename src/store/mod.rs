@@ -4,6 +4,7 @@ pub mod alerts;
 pub mod embedded;
 pub mod invoke;
 mod metrics;
+pub mod partitions;
 pub mod readings;
 mod retention;
 pub mod runs;
@@ -298,6 +299,11 @@ impl Store {
             .execute(&mut *conn)
             .await?;
         result?;
+        // A migrated database takes samples into today's partitions at once. A role
+        // that may not create them still works: the default partition takes the rows.
+        if let Err(e) = self.ensure_partitions(chrono::Utc::now()).await {
+            tracing::warn!(error = %e, "cannot create the time partitions ahead; samples go to the default partition until they exist");
+        }
         Ok(())
     }
 

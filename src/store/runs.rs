@@ -210,6 +210,51 @@ fn input_from_column(stored: serde_json::Value) -> serde_json::Value {
     encoded.unwrap_or(stored)
 }
 
+/// A page of runs: only the filters asked for appear in the text, so every plan, the
+/// generic one included, can use the job's index (`($1 IS NULL OR job = $1)` cannot).
+/// Parameters: $1 job, $2 status, $3 cursor run id, $4 limit (unused ones bound too).
+pub fn runs_sql(q: &RunQuery<'_>) -> String {
+    let mut conditions: Vec<String> = Vec::new();
+    if q.job.is_some() {
+        conditions.push("job = $1".into());
+    }
+    if q.status.is_some() {
+        conditions.push("status = $2".into());
+    }
+    if q.before.is_some() {
+        conditions
+            .push("(started_at, id) < (SELECT started_at, id FROM job_runs WHERE id = $3)".into());
+    }
+    // Parameters not used above still need a type: a one-time test of their NULL.
+    let unused: Vec<&str> = [
+        (q.job.is_none(), "$1::text IS NULL"),
+        (q.status.is_none(), "$2::text IS NULL"),
+        (q.before.is_none(), "$3::uuid IS NULL"),
+    ]
+    .into_iter()
+    .filter_map(|(unused, c)| unused.then_some(c))
+    .collect();
+    conditions.extend(unused.into_iter().map(str::to_owned));
+    format!(
+        "SELECT {COLUMNS} FROM job_runs WHERE {} ORDER BY started_at DESC, id DESC LIMIT $4",
+        conditions.join(" AND ")
+    )
+}
+
+/// Each job's latest run: $1 the job names.
+pub fn last_runs_sql() -> String {
+    let columns = COLUMNS
+        .split(',')
+        .map(|c| format!("r.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "SELECT {columns} FROM unnest($1::text[]) AS j(name)
+         CROSS JOIN LATERAL (SELECT * FROM job_runs WHERE job = j.name
+                             ORDER BY started_at DESC, id DESC LIMIT 1) r"
+    )
+}
+
 /// What a run produced for its caller: bytes (JSON when they parse as JSON), capped.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RunOutput {
@@ -438,39 +483,23 @@ impl Store {
 
     /// Runs newest first, filtered and paged by keyset.
     pub async fn runs(&self, q: &RunQuery<'_>) -> Result<Vec<RunRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM job_runs
-             WHERE ($1::text IS NULL OR job = $1)
-               AND ($2::text IS NULL OR status = $2)
-               AND ($3::uuid IS NULL OR (started_at, id) < (SELECT started_at, id FROM job_runs WHERE id = $3))
-             ORDER BY started_at DESC, id DESC
-             LIMIT $4"
-        ))
-        .bind(q.job)
-        .bind(q.status.map(RunStatus::as_str))
-        .bind(q.before)
-        .bind(q.limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(&runs_sql(q))
+            .bind(q.job)
+            .bind(q.status.map(RunStatus::as_str))
+            .bind(q.before)
+            .bind(q.limit)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(from_row).collect()
     }
 
     /// The most recent run of each of `jobs`, for "last run" views: one index lookup
     /// per job (`job_runs_job_started_idx`), never a scan of the ledger.
     pub async fn last_runs_of(&self, jobs: &[String]) -> Result<Vec<RunRecord>, StoreError> {
-        let columns = COLUMNS
-            .split(',')
-            .map(|c| format!("r.{}", c.trim()))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let rows = sqlx::query(&format!(
-            "SELECT {columns} FROM unnest($1::text[]) AS j(name)
-             CROSS JOIN LATERAL (SELECT * FROM job_runs WHERE job = j.name
-                                 ORDER BY started_at DESC, id DESC LIMIT 1) r"
-        ))
-        .bind(jobs)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(&last_runs_sql())
+            .bind(jobs)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(from_row).collect()
     }
 }

@@ -105,6 +105,9 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_DATA_DIR: &str = "data";
 /// Jobs, ledger and gateway share the pool; ten covers them on a small host.
 pub const DEFAULT_DB_MAX_CONNECTIONS: u32 = 10;
+/// A replica that only samples its host (every job host-scoped) writes one batch at
+/// a time; the ledger and the rest wait their turn on the second connection.
+pub const DEFAULT_HOST_ONLY_CONNECTIONS: u32 = 2;
 /// A database container can take this long to accept connections after boot.
 pub const DEFAULT_DB_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// One connection attempt (or the wait for a pooled connection): long enough for a

@@ -41,7 +41,8 @@ pub struct Settings {
     pub host: String,
     pub shutdown_grace: Duration,
     pub data_dir: PathBuf,
-    pub db_max_connections: u32,
+    /// Pool size as set; `None`: [`Settings::pool_size`] decides.
+    pub db_max_connections: Option<u32>,
     pub db_connect_timeout: Duration,
     /// Bound on one connection attempt or the wait for a pooled connection.
     pub db_acquire_timeout: Duration,
@@ -93,6 +94,17 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The main pool's size: as set, else [`DEFAULT_DB_MAX_CONNECTIONS`], or
+    /// [`DEFAULT_HOST_ONLY_CONNECTIONS`] when every job is host-scoped (a fleet of hosts
+    /// sampling into one PostgreSQL: each holds one or two connections, not ten).
+    pub fn pool_size(&self, host_only: bool) -> u32 {
+        self.db_max_connections.unwrap_or(if host_only {
+            DEFAULT_HOST_ONLY_CONNECTIONS
+        } else {
+            DEFAULT_DB_MAX_CONNECTIONS
+        })
+    }
+
     /// Layers defaults, `[runner]` and `env`, and validates every key.
     pub fn load(runner: &[RunnerEntry], env: &Environment) -> Result<Self, Diagnostics> {
         let mut diags = Vec::new();
@@ -196,7 +208,11 @@ impl Settings {
             data_dir: r
                 .string("data_dir")
                 .map_or_else(|| PathBuf::from(DEFAULT_DATA_DIR), PathBuf::from),
-            db_max_connections: r.count("db_max_connections", DEFAULT_DB_MAX_CONNECTIONS, 1..=1000),
+            db_max_connections: r.maybe(
+                "db_max_connections",
+                "a whole number from 1 to 1000",
+                |s| s.parse::<u32>().ok().filter(|n| (1..=1000).contains(n)),
+            ),
             db_connect_timeout: r.duration("db_connect_timeout", DEFAULT_DB_CONNECT_TIMEOUT),
             db_acquire_timeout: r.duration("db_acquire_timeout", DEFAULT_DB_ACQUIRE_TIMEOUT),
             db_statement_timeout: r
