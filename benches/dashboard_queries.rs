@@ -211,6 +211,14 @@ async fn main() {
     store.migrate().await.expect("migrate");
 
     if fresh {
+        // The month's partitions, as vigil would have created them day by day.
+        let now = chrono::Utc::now();
+        for plan in vigil::store::partitions::PLANS {
+            store
+                .create_partitions(plan, now - chrono::Duration::days(i64::from(DAYS) + 1), now)
+                .await
+                .expect("partitions");
+        }
         let t = Instant::now();
         for day in 0..DAYS {
             sqlx::query(&generate_day(day))

@@ -1,34 +1,86 @@
 #!/usr/bin/env bash
-# Agent footprint, side by side in one run: vigil running only a 1 s system_metrics job
-# versus Prometheus node_exporter scraped every second, over the same window.
-# Reports CPU seconds used during the window and peak RSS (VmHWM), and their ratios.
+# Agent footprint, side by side in one window: vigil running the shipped host job at
+# 1 s (gateway up), collectd with a comparable plugin set (cpu, memory, df, interface,
+# load) writing to PostgreSQL through its postgresql plugin every second, and
+# Prometheus node_exporter scraped every second. Reports each one's CPU seconds during
+# the window, resident memory (peak VmHWM and at the end VmRSS), and vigil's ratios.
 #
 #   benches/footprint.sh [SECONDS]          (default 120)
 #
-# Needs the Debian package prometheus-node-exporter (installed here when run as root)
-# and a PostgreSQL: TEST_DATABASE_URL, else the server on 127.0.0.1:5432.
+# Needs Debian's collectd-core and prometheus-node-exporter (installed here when run
+# as root) and a PostgreSQL: TEST_DATABASE_URL, else the server on 127.0.0.1:5432.
+# VIGIL_FOOTPRINT_ENV adds environment to vigil (e.g. "MALLOC_ARENA_MAX=8") to compare.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_TO_RUN=${1:-120}
 
-if ! command -v prometheus-node-exporter >/dev/null 2>&1; then
-  [ "$(id -u)" = 0 ] || { echo "install prometheus-node-exporter first" >&2; exit 1; }
-  apt-get update -qq && apt-get install -y -qq prometheus-node-exporter >/dev/null
+missing=()
+command -v prometheus-node-exporter >/dev/null 2>&1 || missing+=(prometheus-node-exporter)
+[ -x /usr/sbin/collectd ] || missing+=(collectd-core)
+[ -e /usr/lib/x86_64-linux-gnu/libpq.so.5 ] || missing+=(libpq5)
+if [ ${#missing[@]} -gt 0 ]; then
+  [ "$(id -u)" = 0 ] || { echo "install ${missing[*]} first" >&2; exit 1; }
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 cargo build --release --quiet
 
 admin=${TEST_DATABASE_URL:-postgres://$(id -un)@127.0.0.1:5432/postgres}
 db="vigil_footprint_$$"
+cdb="collectd_footprint_$$"
 psql -q "$admin" -c "CREATE DATABASE $db" >/dev/null
+psql -q "$admin" -c "CREATE DATABASE $cdb" >/dev/null
 db_url="${admin%/*}/$db"
+cdb_url="${admin%/*}/$cdb"
+# collectd's own example schema and insert function, as its documentation ships them.
+psql -q "$cdb_url" -f /usr/share/doc/collectd-core/examples/postgresql/collectd_insert.sql >/dev/null
 
 work=$(mktemp -d)
-cat > "$work/jobs.toml" <<'TOML'
-[[jobs]]
-name = "host-metrics"
-kind = "system_metrics"
-every = "1s"
-TOML
+# The shipped host job, at 1 s.
+python3 - jobs.toml "$work/jobs.toml" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+jobs = re.split(r"(?m)^(?=\[\[jobs\]\])", text)
+host = next(j for j in jobs if 'kind = "system_metrics"' in j)
+host = re.sub(r'(?m)^every = ".*"$', 'every = "1s"', host)
+open(sys.argv[2], "w").write(host)
+PY
+
+pg_host=$(python3 -c 'import sys, urllib.parse as u; p = u.urlparse(sys.argv[1]); print(p.hostname or "127.0.0.1", p.port or 5432, p.username or "", sep=" ")' "$admin")
+read -r cd_host cd_port cd_user <<<"$pg_host"
+cat > "$work/collectd.conf" <<CONF
+Hostname "footprint"
+FQDNLookup false
+Interval 1
+TypesDB "/usr/share/collectd/types.db"
+LoadPlugin cpu
+LoadPlugin memory
+LoadPlugin df
+LoadPlugin interface
+LoadPlugin load
+LoadPlugin postgresql
+<Plugin df>
+  FSType tmpfs
+  FSType overlay
+  IgnoreSelected true
+</Plugin>
+<Plugin interface>
+  Interface lo
+  IgnoreSelected true
+</Plugin>
+<Plugin postgresql>
+  <Writer sqlstore>
+    Statement "SELECT collectd_insert(\$1, \$2, \$3, \$4, \$5, \$6, \$7, \$8, \$9);"
+    StoreRates true
+  </Writer>
+  <Database $cdb>
+    Host "$cd_host"
+    Port "$cd_port"
+    User "$cd_user"
+    Writer sqlstore
+    CommitInterval 1
+  </Database>
+</Plugin>
+CONF
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 ne_port=$(free_port)
@@ -37,6 +89,7 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   psql -q "$admin" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+  psql -q "$admin" -c "DROP DATABASE IF EXISTS $cdb WITH (FORCE)" >/dev/null 2>&1 || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -49,27 +102,45 @@ ne_pid=$!; pids+=("$ne_pid")
   done ) &
 pids+=("$!")
 
-(cd "$work" && DATABASE_URL="$db_url" VIGIL_LOG=warn exec "$OLDPWD/target/release/vigil" run) >"$work/vigil.log" 2>&1 &
+/usr/sbin/collectd -f -C "$work/collectd.conf" >"$work/collectd.log" 2>&1 &
+cd_pid=$!; pids+=("$cd_pid")
+
+read -r -a extra_env <<<"${VIGIL_FOOTPRINT_ENV:-}"
+(cd "$work" && exec env "${extra_env[@]}" DATABASE_URL="$db_url" PORT="$(free_port)" VIGIL_LOG=warn \
+   "$OLDPWD/target/release/vigil" run) >"$work/vigil.log" 2>&1 &
 vigil_pid=$!; pids+=("$vigil_pid")
 
-# Let both start up, then measure the window.
-sleep 3
+# Let all three start up, then measure the window.
+sleep 5
+for p in "$ne_pid" "$cd_pid" "$vigil_pid"; do
+  kill -0 "$p" 2>/dev/null || { tail -20 "$work"/*.log >&2; echo "an agent did not start" >&2; exit 1; }
+done
 ticks=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-ne_start=$(cpu_ticks "$ne_pid"); vigil_start=$(cpu_ticks "$vigil_pid")
+ne_start=$(cpu_ticks "$ne_pid"); cd_start=$(cpu_ticks "$cd_pid"); vigil_start=$(cpu_ticks "$vigil_pid")
+cd_rows_start=$(psql -Atq "$cdb_url" -c 'SELECT count(*) FROM "values"')
 sleep "$SECONDS_TO_RUN"
-ne_end=$(cpu_ticks "$ne_pid"); vigil_end=$(cpu_ticks "$vigil_pid")
-hwm() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
-ne_hwm=$(hwm "$ne_pid"); vigil_hwm=$(hwm "$vigil_pid")
+ne_end=$(cpu_ticks "$ne_pid"); cd_end=$(cpu_ticks "$cd_pid"); vigil_end=$(cpu_ticks "$vigil_pid")
+status() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
 samples=$(psql -Atq "$db_url" -c "SELECT count(*) FROM system_metrics")
+cd_rows=$(( $(psql -Atq "$cdb_url" -c 'SELECT count(*) FROM "values"') - cd_rows_start ))
 
-python3 - "$SECONDS_TO_RUN" "$ticks" "$ne_start" "$ne_end" "$vigil_start" "$vigil_end" "$ne_hwm" "$vigil_hwm" "$samples" <<'PY'
+python3 - "$SECONDS_TO_RUN" "$ticks" "$samples" "$cd_rows" \
+  "$ne_start" "$ne_end" "$(status "$ne_pid" VmHWM)" "$(status "$ne_pid" VmRSS)" \
+  "$cd_start" "$cd_end" "$(status "$cd_pid" VmHWM)" "$(status "$cd_pid" VmRSS)" \
+  "$vigil_start" "$vigil_end" "$(status "$vigil_pid" VmHWM)" "$(status "$vigil_pid" VmRSS)" <<'PY'
 import sys
-secs, ticks, ns, ne, vs, ve, nh, vh, samples = map(float, sys.argv[1:])
-ne_cpu, vigil_cpu = (ne - ns) / ticks, (ve - vs) / ticks
-print(f"window: {secs:.0f} s; vigil wrote {samples:.0f} samples")
-print(f"{'':16}{'CPU seconds':>12}{'peak RSS MiB':>14}")
-print(f"{'node_exporter':16}{ne_cpu:>12.2f}{nh/1024:>14.1f}")
-print(f"{'vigil':16}{vigil_cpu:>12.2f}{vh/1024:>14.1f}")
-print(f"vigil / node_exporter: CPU {vigil_cpu/ne_cpu if ne_cpu else float('nan'):.2f}x, peak RSS {vh/nh:.2f}x")
+a = list(map(float, sys.argv[1:]))
+secs, ticks, samples, cd_rows = a[:4]
+agents = {}
+for i, name in enumerate(["node_exporter", "collectd", "vigil"]):
+    s, e, hwm, rss = a[4 + 4 * i: 8 + 4 * i]
+    agents[name] = ((e - s) / ticks, hwm / 1024, rss / 1024)
+print(f"window: {secs:.0f} s; vigil wrote {samples:.0f} samples, collectd {cd_rows:.0f} values")
+print(f"{'':16}{'CPU s':>8}{'CPU s/min':>11}{'peak RSS MiB':>14}{'RSS MiB':>9}")
+for name, (cpu, hwm, rss) in agents.items():
+    print(f"{name:16}{cpu:>8.2f}{cpu * 60 / secs:>11.3f}{hwm:>14.1f}{rss:>9.1f}")
+v, c, n = agents["vigil"], agents["collectd"], agents["node_exporter"]
+print(f"vigil / collectd:      CPU {v[0] / c[0]:.2f}x, peak RSS {v[1] / c[1]:.2f}x, RSS {v[2] / c[2]:.2f}x")
+print(f"vigil / node_exporter: CPU {v[0] / n[0]:.2f}x, peak RSS {v[1] / n[1]:.2f}x, RSS {v[2] / n[2]:.2f}x")
 PY

@@ -6,6 +6,9 @@
 -- and a job's pages read only the rows they return.
 DROP INDEX job_runs_job_started_idx;
 CREATE INDEX job_runs_job_started_idx ON job_runs (job, started_at DESC, id DESC);
+-- A job's runs of one status (`?status=failed`): a probe, not a walk through the job's
+-- runs (or the time index) testing each row's status.
+CREATE INDEX job_runs_job_status_started_idx ON job_runs (job, status, started_at DESC, id DESC);
 
 -- system_metrics by day. The table as it was becomes one partition, `_legacy`, holding
 -- everything before the day after its newest row (attached, not copied: no row moves);

@@ -179,6 +179,7 @@ async fn every_connection_carries_a_statement_timeout_and_keepalives() {
         }
     };
     assert_eq!(show("statement_timeout").await, "1500ms");
+    assert_eq!(show("plan_cache_mode").await, "force_custom_plan");
     assert_eq!(show("tcp_keepalives_idle").await, "12");
     assert_eq!(show("tcp_keepalives_interval").await, "4");
     assert_eq!(show("tcp_keepalives_count").await, "3");

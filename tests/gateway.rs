@@ -170,6 +170,7 @@ async fn readiness_names_what_is_wrong() {
         reload: None,
         alerts: None,
         invoke: Default::default(),
+        views: Default::default(),
     };
     let gw = Gateway::start(state, "127.0.0.1:0".parse().unwrap())
         .await
@@ -862,6 +863,7 @@ async fn a_panicking_handler_is_a_500_and_the_server_keeps_serving() {
         reload: None,
         alerts: None,
         invoke: Default::default(),
+        views: Default::default(),
     };
     let real = gateway::api_handler();
     let handler: gateway::Handler = Arc::new(move |state, route, req| {

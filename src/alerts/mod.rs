@@ -138,8 +138,59 @@ struct Inner {
     seeded: Mutex<HashSet<String>>,
     /// Job labels the health metrics carry now, to drop those of removed jobs.
     labelled: Mutex<HashSet<String>>,
+    /// What health was last judged on: the API answers from it while it is fresh,
+    /// instead of two queries a request. Dropped whenever this replica changes it.
+    snapshot: Mutex<Option<Snapshot>>,
+    /// Bumped whenever the snapshot is taken or dropped: health may have changed.
+    snapshots: std::sync::atomic::AtomicU64,
     stop: CancellationToken,
     tasks: TaskTracker,
+}
+
+/// `job_health` and the open incidents as read at `at`.
+struct Snapshot {
+    at: Instant,
+    rows: Vec<JobHealthRow>,
+    open: Vec<Incident>,
+}
+
+/// How long the API may answer from a snapshot: what another replica changed shows
+/// within this; what this one changed, at once (its writes drop the snapshot).
+const SNAPSHOT_FOR: Duration = Duration::from_millis(1500);
+
+impl Inner {
+    fn keep_snapshot(&self, rows: &[JobHealthRow], open: &[Incident]) {
+        self.snapshots
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Snapshot {
+            at: Instant::now(),
+            rows: rows.to_vec(),
+            open: open.to_vec(),
+        });
+    }
+
+    fn drop_snapshot(&self) {
+        self.snapshots
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// `job_health` and the open incidents: from the snapshot while fresh, else read.
+    async fn health_inputs(&self) -> Result<(Vec<JobHealthRow>, Vec<Incident>), StoreError> {
+        if let Some(s) = self
+            .snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|s| s.at.elapsed() < SNAPSHOT_FOR)
+        {
+            return Ok((s.rows.clone(), s.open.clone()));
+        }
+        let rows = self.store.job_health().await?;
+        let open = self.store.open_incidents().await?;
+        self.keep_snapshot(&rows, &open);
+        Ok((rows, open))
+    }
 }
 
 /// Job health and alerting. Cheap to clone.
@@ -178,6 +229,8 @@ impl Alerts {
                 wake_deliverer: Notify::new(),
                 first_due: Mutex::new(HashMap::new()),
                 seeded: Mutex::new(HashSet::new()),
+                snapshot: Mutex::new(None),
+                snapshots: std::sync::atomic::AtomicU64::new(0),
                 labelled: Mutex::new(HashSet::new()),
                 stop: CancellationToken::new(),
                 tasks: TaskTracker::new(),
@@ -228,11 +281,18 @@ impl Alerts {
         }
     }
 
+    /// Changes whenever what health is judged on may have: equal counts, equal health
+    /// (but for time).
+    pub fn version(&self) -> u64 {
+        self.inner
+            .snapshots
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Every job's health now (host-scoped jobs: on this replica).
     pub async fn health(&self) -> Result<BTreeMap<String, JobHealth>, StoreError> {
         let jobs = self.inner.scheduler.jobs();
-        let rows = self.inner.store.job_health().await?;
-        let open = self.inner.store.open_incidents().await?;
+        let (rows, open) = self.inner.health_inputs().await?;
         let now = self.inner.scheduler.now();
         Ok(jobs
             .iter()
@@ -445,6 +505,7 @@ async fn on_finished(inner: &Inner, spec: &JobSpec, result: &RunResult) -> Resul
     };
     let run = run_json(result, &inner.host);
     let host = inner.host.clone();
+    inner.drop_snapshot();
     let resolved = inner
         .store
         .record_outcome(&outcome, &inner.host, |inc| {
@@ -457,6 +518,8 @@ async fn on_finished(inner: &Inner, spec: &JobSpec, result: &RunResult) -> Resul
             )
         })
         .await?;
+    // Also after: a request between the first drop and the write may have read the old.
+    inner.drop_snapshot();
     for inc in &resolved {
         tracing::info!(job = %spec.name, incident = %inc.id, kind = %inc.kind, run_id = %result.run_id, "incident resolved");
     }
@@ -566,11 +629,10 @@ async fn open(
     };
     let last_success = None::<DateTime<Utc>>;
     let body = payload("opened", &draft, run, last_success, &inner.host);
-    if let Some(inc) = inner
-        .store
-        .open_incident(&new, condition, id, &body)
-        .await?
-    {
+    inner.drop_snapshot();
+    let opened = inner.store.open_incident(&new, condition, id, &body).await;
+    inner.drop_snapshot();
+    if let Some(inc) = opened? {
         tracing::warn!(job = %spec.name, incident = %inc.id, kind, summary = %inc.summary, "incident opened");
         if !inc.notify.is_empty() {
             inner.wake_deliverer.notify_one();
@@ -631,6 +693,7 @@ async fn evaluate(inner: &Inner) -> Result<(), StoreError> {
         rows = inner.store.job_health().await?;
     }
     let open_now = inner.store.open_incidents().await?;
+    inner.keep_snapshot(&rows, &open_now);
 
     for (status, spec) in &specs {
         let reference = first_due(inner, spec, now);

@@ -254,6 +254,7 @@ impl App {
                 callback_allow: config.settings.callback_allow.clone(),
                 callbacks: callbacks.clone(),
             },
+            views: gateway::Views::default(),
         };
         if config.settings.allow_no_token
             && config.settings.api_token.is_none()

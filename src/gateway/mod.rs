@@ -61,6 +61,74 @@ pub struct State {
     pub alerts: Option<crate::alerts::Alerts>,
     /// What invoking a job with input needs.
     pub invoke: Invoke,
+    /// Views of the ledger kept between requests.
+    pub views: Views,
+}
+
+/// How long a view of the ledger serves requests: another replica's runs show within
+/// this; this replica's at once (a new ledger record makes the view old).
+pub const VIEW_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long a `/api/jobs` answer is served again while nothing it shows changed: what
+/// depends on the clock alone (staleness, lateness) moves on within this.
+pub const ANSWER_FOR: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Each job's last run, as last read, and the last `/api/jobs` answer, so that route
+/// under load costs no query and no rendering per request. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Views(
+    Arc<std::sync::Mutex<Option<LastRuns>>>,
+    Arc<std::sync::Mutex<Option<Answer>>>,
+);
+
+/// What a `/api/jobs` answer was rendered from: the scheduler's records and changes,
+/// and the health inputs' version.
+pub type AnswerKey = (u64, u64, u64);
+
+struct Answer {
+    at: Instant,
+    key: AnswerKey,
+    body: String,
+}
+
+struct LastRuns {
+    at: Instant,
+    /// The scheduler's record count when read.
+    records: u64,
+    jobs: Vec<String>,
+    rows: Vec<crate::store::RunRecord>,
+}
+
+impl Views {
+    fn last_runs(&self, jobs: &[String], records: u64) -> Option<Vec<crate::store::RunRecord>> {
+        let guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let v = guard.as_ref()?;
+        (v.records == records && v.at.elapsed() < VIEW_FOR && v.jobs == jobs)
+            .then(|| v.rows.clone())
+    }
+
+    fn answer(&self, key: AnswerKey) -> Option<String> {
+        let guard = self.1.lock().unwrap_or_else(|p| p.into_inner());
+        let a = guard.as_ref()?;
+        (a.key == key && a.at.elapsed() < ANSWER_FOR).then(|| a.body.clone())
+    }
+
+    fn keep_answer(&self, key: AnswerKey, body: &str) {
+        *self.1.lock().unwrap_or_else(|p| p.into_inner()) = Some(Answer {
+            at: Instant::now(),
+            key,
+            body: body.to_owned(),
+        });
+    }
+
+    fn keep(&self, jobs: &[String], records: u64, rows: &[crate::store::RunRecord]) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(LastRuns {
+            at: Instant::now(),
+            records,
+            jobs: jobs.to_vec(),
+            rows: rows.to_vec(),
+        });
+    }
 }
 
 /// Invoking jobs like functions: the kinds' input checks, the input bound, and where

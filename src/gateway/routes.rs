@@ -187,17 +187,30 @@ pub fn handle(state: State, route: &'static Route, req: Request) -> HandlerFutur
                 finish_or_accept(&state, handle, wait).await
             }
             ("GET", "/api/jobs") => {
+                // Read before anything else: a change meanwhile makes this answer old.
+                let key = (
+                    state.scheduler.records_made(),
+                    state.scheduler.changes_made(),
+                    state
+                        .alerts
+                        .as_ref()
+                        .map_or(0, crate::alerts::Alerts::version),
+                );
+                if let Some(body) = state.views.answer(key) {
+                    return Ok(json_text(body));
+                }
                 let jobs = state.scheduler.jobs();
-                let names: Vec<String> = jobs.iter().map(|j| j.name.clone()).collect();
-                let last = last_runs(&state, &names).await?;
+                let last = last_runs(&state).await?;
                 let health = health(&state).await?;
                 let jobs: Vec<Value> = jobs.iter().map(|j| job_view(j, &last, &health)).collect();
-                Ok(Reply::json(StatusCode::OK, json!({ "jobs": jobs })))
+                let body = json!({ "jobs": jobs }).to_string();
+                state.views.keep_answer(key, &body);
+                Ok(json_text(body))
             }
             ("GET", "/api/jobs/{name}") => {
                 let name = &req.captures[0];
                 let job = known_job(&state, name)?;
-                let last = last_runs(&state, std::slice::from_ref(&job.name)).await?;
+                let last = last_runs(&state).await?;
                 let health = health(&state).await?;
                 Ok(Reply::json(StatusCode::OK, job_view(&job, &last, &health)))
             }
@@ -293,6 +306,16 @@ fn describe_inputs(doc: &mut Value, kinds: &crate::jobs::Registry) {
             "anyOf": any_of,
         }),
     );
+}
+
+/// An answer already rendered as JSON text.
+fn json_text(body: String) -> Reply {
+    Reply {
+        status: StatusCode::OK,
+        json: Value::Null,
+        text: Some((body, "application/json")),
+        headers: Vec::new(),
+    }
 }
 
 /// Re-reads the jobs file: 200 with what changed, or 422 with every problem (and the
@@ -499,9 +522,19 @@ pub(super) async fn flush_ledger(state: &State) {
     }
 }
 
-async fn last_runs(state: &State, jobs: &[String]) -> Result<Vec<RunRecord>, ApiError> {
+/// Every job's last run: from the view while it is current, else one query (of one
+/// index probe per job) after the ledger's queue is written.
+async fn last_runs(state: &State) -> Result<Vec<RunRecord>, ApiError> {
+    let jobs = state.scheduler.job_names();
+    // Read before the query: a record made meanwhile makes this view old at once.
+    let made = state.scheduler.records_made();
+    if let Some(rows) = state.views.last_runs(&jobs, made) {
+        return Ok(rows);
+    }
     flush_ledger(state).await;
-    Ok(state.store.last_runs_of(jobs).await?)
+    let rows = state.store.last_runs_of(&jobs).await?;
+    state.views.keep(&jobs, made, &rows);
+    Ok(rows)
 }
 
 async fn health(

@@ -285,6 +285,12 @@ struct Inner {
     /// Paused jobs and until when (`None`: until resumed); kept from PostgreSQL by
     /// whoever calls [`Scheduler::set_pauses`].
     pauses: RwLock<BTreeMap<String, Option<DateTime<Utc>>>>,
+    /// Ledger records made so far: what reads of the ledger cached elsewhere compare
+    /// to know they are still current for this replica's runs.
+    records: AtomicU64,
+    /// Changes to what [`Scheduler::jobs`] shows other than through runs: jobs added,
+    /// changed or removed, pauses, next firings armed.
+    changes: AtomicU64,
 }
 
 /// The scheduler. Cheap to clone.
@@ -359,6 +365,8 @@ impl Scheduler {
                 started: AtomicBool::new(false),
                 observers: RwLock::new(Vec::new()),
                 pauses: RwLock::new(BTreeMap::new()),
+                records: AtomicU64::new(0),
+                changes: AtomicU64::new(0),
             }),
         }
     }
@@ -370,7 +378,23 @@ impl Scheduler {
     /// The paused jobs (from PostgreSQL, so every replica obeys); a firing of a
     /// paused job is recorded `skipped`, a manual run refused unless forced.
     pub fn set_pauses(&self, pauses: BTreeMap<String, Option<DateTime<Utc>>>) {
-        *self.inner.pauses.write().unwrap_or_else(|p| p.into_inner()) = pauses;
+        let mut current = self.inner.pauses.write().unwrap_or_else(|p| p.into_inner());
+        if *current != pauses {
+            *current = pauses;
+            self.inner.changes.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// How many ledger records this scheduler has made: a view of the ledger read when
+    /// this was `n` is current for this replica's runs while it is still `n`.
+    pub fn records_made(&self) -> u64 {
+        self.inner.records.load(Ordering::Acquire)
+    }
+
+    /// How many times what [`Scheduler::jobs`] shows changed other than through runs
+    /// (with [`Scheduler::records_made`]: equal counts, equal views, but for time).
+    pub fn changes_made(&self) -> u64 {
+        self.inner.changes.load(Ordering::Acquire)
     }
 
     /// Tells `observer` of every run's start and end from now on.
@@ -459,6 +483,7 @@ impl Scheduler {
     /// Unschedules `name`; a run in progress finishes and is recorded as usual.
     pub async fn remove(&self, name: &str) {
         let slot = self.inner.write_slots().remove(name);
+        self.inner.changes.fetch_add(1, Ordering::Release);
         if let Some(slot) = slot {
             self.inner.retire(&slot).await;
         }
@@ -480,6 +505,7 @@ impl Scheduler {
         self.inner
             .write_slots()
             .insert(slot.spec.name.clone(), slot.clone());
+        self.inner.changes.fetch_add(1, Ordering::Release);
         if self.inner.started.load(Ordering::Acquire) && slot.spec.enabled {
             self.inner.arm_next(&slot, self.inner.clock.now()).await;
         }
@@ -667,6 +693,12 @@ impl Scheduler {
 }
 
 impl Inner {
+    /// Queues a ledger row (a new one, or a run's new state).
+    fn record(&self, record: RunRecord) {
+        self.records.fetch_add(1, Ordering::Release);
+        self.backend.record(record);
+    }
+
     /// `Some(until)` while `job` is paused.
     fn paused(&self, job: &str) -> Option<Option<DateTime<Utc>>> {
         let now = self.clock.now();
@@ -782,6 +814,7 @@ impl Inner {
                 let mut state = slot.state();
                 state.next_due = Some(at);
                 state.timer_id = Some(id);
+                self.changes.fetch_add(1, Ordering::Release);
             }
             Err(e) => tracing::error!(job = %slot.spec.name, error = %e, "cannot arm the timer"),
         }
@@ -948,7 +981,7 @@ impl Inner {
             input: None,
             output: None,
         };
-        self.backend.record(record.clone());
+        self.record(record.clone());
         self.notify_finished(
             &slot.spec,
             &RunResult {

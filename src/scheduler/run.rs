@@ -162,7 +162,7 @@ pub(super) async fn govern(
             input: active.run.input.as_deref().cloned(),
             output: None,
         };
-        inner.backend.record(record.clone());
+        inner.record(record.clone());
         if attempt == 1 {
             inner.notify_started(spec, &active.run);
         }
@@ -184,7 +184,7 @@ pub(super) async fn govern(
         record.retry_after_ms = ended
             .retry_after
             .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        inner.backend.record(record.clone());
+        inner.record(record.clone());
         let duration = (record.finished_at.unwrap_or(record.started_at) - record.started_at)
             .to_std()
             .unwrap_or_default();

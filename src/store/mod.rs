@@ -118,7 +118,11 @@ impl PoolOptions {
 
     /// `options` with the statement timeout and keepalives set for every session.
     fn apply(&self, options: PgConnectOptions) -> PgConnectOptions {
-        let mut params: Vec<(&str, String)> = Vec::new();
+        // Every statement is planned for its own parameters: a generic plan of "a job's
+        // runs" guesses every job equally common, and for a rare one walks the whole
+        // time index instead of probing the job's (tests/query_plans.rs).
+        let mut params: Vec<(&str, String)> =
+            vec![("plan_cache_mode", "force_custom_plan".to_owned())];
         if let Some(t) = self.statement_timeout {
             params.push(("statement_timeout", format!("{}ms", t.as_millis())));
         }
