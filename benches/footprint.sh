@@ -9,7 +9,8 @@
 #
 # Needs Debian's collectd-core and prometheus-node-exporter (installed here when run
 # as root) and a PostgreSQL: TEST_DATABASE_URL, else the server on 127.0.0.1:5432.
-# VIGIL_FOOTPRINT_ENV adds environment to vigil (e.g. "MALLOC_ARENA_MAX=8") to compare.
+# FOOTPRINT_ENV adds environment to vigil (e.g. "MALLOC_ARENA_MAX=8") and
+# FOOTPRINT_BIN names another vigil binary, to compare.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_TO_RUN=${1:-120}
@@ -22,7 +23,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ "$(id -u)" = 0 ] || { echo "install ${missing[*]} first" >&2; exit 1; }
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-cargo build --release --quiet
+vigil_bin=${FOOTPRINT_BIN:-}
+if [ -z "$vigil_bin" ]; then
+  cargo build --release --quiet
+  vigil_bin="$PWD/target/release/vigil"
+fi
 
 admin=${TEST_DATABASE_URL:-postgres://$(id -un)@127.0.0.1:5432/postgres}
 db="vigil_footprint_$$"
@@ -105,15 +110,15 @@ pids+=("$!")
 /usr/sbin/collectd -f -C "$work/collectd.conf" >"$work/collectd.log" 2>&1 &
 cd_pid=$!; pids+=("$cd_pid")
 
-read -r -a extra_env <<<"${VIGIL_FOOTPRINT_ENV:-}"
+read -r -a extra_env <<<"${FOOTPRINT_ENV:-}"
 (cd "$work" && exec env "${extra_env[@]}" DATABASE_URL="$db_url" PORT="$(free_port)" VIGIL_LOG=warn \
-   "$OLDPWD/target/release/vigil" run) >"$work/vigil.log" 2>&1 &
+   "$vigil_bin" run) >"$work/vigil.log" 2>&1 &
 vigil_pid=$!; pids+=("$vigil_pid")
 
 # Let all three start up, then measure the window.
 sleep 5
 for p in "$ne_pid" "$cd_pid" "$vigil_pid"; do
-  kill -0 "$p" 2>/dev/null || { tail -20 "$work"/*.log >&2; echo "an agent did not start" >&2; exit 1; }
+  kill -0 "$p" 2>/dev/null || { tail -n 20 "$work"/*.log >&2; echo "an agent did not start" >&2; exit 1; }
 done
 ticks=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }

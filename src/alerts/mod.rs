@@ -169,6 +169,64 @@ impl Inner {
         });
     }
 
+    /// This replica recorded `o` and resolved `resolved`: the snapshot follows, as
+    /// `record_outcome` changed the tables, without reading them again.
+    /// `false`: there was no snapshot to follow (an incident opened since it was read).
+    fn snapshot_outcome(&self, o: &FinalOutcome<'_>, resolved: &[Incident]) -> bool {
+        self.snapshots
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        let mut guard = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(s) = guard.as_mut() else {
+            return false;
+        };
+        let success = o.status == RunStatus::Succeeded;
+        match s
+            .rows
+            .iter_mut()
+            .find(|r| r.job == o.job && r.scope_key == o.scope_key)
+        {
+            Some(r) if r.last_finished_at <= o.finished_at => {
+                r.last_run_id = o.run_id;
+                r.last_status = o.status.as_str().to_owned();
+                r.last_finished_at = o.finished_at;
+                if success {
+                    r.last_success_at = Some(o.finished_at);
+                    r.last_success_run = Some(o.run_id);
+                }
+            }
+            Some(_) => {}
+            None => s.rows.push(JobHealthRow {
+                job: o.job.to_owned(),
+                scope_key: o.scope_key.to_owned(),
+                last_run_id: o.run_id,
+                last_status: o.status.as_str().to_owned(),
+                last_finished_at: o.finished_at,
+                last_success_at: success.then_some(o.finished_at),
+                last_success_run: success.then_some(o.run_id),
+            }),
+        }
+        s.open.retain(|i| !resolved.iter().any(|r| r.id == i.id));
+        true
+    }
+
+    /// The health gauges from the snapshot (nothing when there is none yet).
+    fn publish_from_snapshot(&self) {
+        let (rows, open) = {
+            let guard = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(s) = guard.as_ref() else {
+                return;
+            };
+            (s.rows.clone(), s.open.clone())
+        };
+        let specs: Vec<(JobStatus, JobSpec)> = self
+            .scheduler
+            .jobs()
+            .into_iter()
+            .filter_map(|j| self.scheduler.spec(&j.name).map(|s| (j, s)))
+            .collect();
+        publish_metrics(self, &specs, &rows, &open, self.scheduler.now());
+    }
+
     fn drop_snapshot(&self) {
         self.snapshots
             .fetch_add(1, std::sync::atomic::Ordering::Release);
@@ -505,7 +563,6 @@ async fn on_finished(inner: &Inner, spec: &JobSpec, result: &RunResult) -> Resul
     };
     let run = run_json(result, &inner.host);
     let host = inner.host.clone();
-    inner.drop_snapshot();
     let resolved = inner
         .store
         .record_outcome(&outcome, &inner.host, |inc| {
@@ -518,8 +575,11 @@ async fn on_finished(inner: &Inner, spec: &JobSpec, result: &RunResult) -> Resul
             )
         })
         .await?;
-    // Also after: a request between the first drop and the write may have read the old.
-    inner.drop_snapshot();
+    if !inner.snapshot_outcome(&outcome, &resolved) {
+        // Read it again (after an incident opened): the gauges must not lag a run.
+        inner.health_inputs().await?;
+    }
+    inner.publish_from_snapshot();
     for inc in &resolved {
         tracing::info!(job = %spec.name, incident = %inc.id, kind = %inc.kind, run_id = %result.run_id, "incident resolved");
     }
@@ -649,15 +709,36 @@ fn round_ms(d: Duration) -> Duration {
 async fn evaluate_loop(inner: Arc<Inner>) {
     let mut tick = tokio::time::interval(EVALUATE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<Instant> = None;
     loop {
         tokio::select! {
             () = inner.stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        // Staleness and lateness are the clock's doing: judged every second where a
+        // rule asks for them; else health changes only with runs (handled as events),
+        // and a look now and then keeps the gauges and other replicas' news current.
+        if !watches_the_clock(&inner) && last.is_some_and(|t| t.elapsed() < IDLE_EVALUATE_EVERY) {
+            continue;
+        }
+        last = Some(Instant::now());
         if let Err(e) = evaluate(&inner).await {
             tracing::debug!(error = %e, "job health not evaluated this time");
         }
     }
+}
+
+/// How often health is looked at when no job has a `stale_after` or `late_after` rule.
+pub const IDLE_EVALUATE_EVERY: Duration = Duration::from_secs(15);
+
+fn watches_the_clock(inner: &Inner) -> bool {
+    inner.scheduler.job_names().iter().any(|name| {
+        inner.scheduler.spec(name).is_some_and(|spec| {
+            spec.alert
+                .as_ref()
+                .is_some_and(|r| r.stale_after.is_some() || r.late_after.is_some())
+        })
+    })
 }
 
 async fn evaluate(inner: &Inner) -> Result<(), StoreError> {
@@ -692,8 +773,10 @@ async fn evaluate(inner: &Inner) -> Result<(), StoreError> {
     if seeded_any {
         rows = inner.store.job_health().await?;
     }
-    let open_now = inner.store.open_incidents().await?;
+    let mut open_now = inner.store.open_incidents().await?;
     inner.keep_snapshot(&rows, &open_now);
+    // Whether an incident may have opened since `open_now` was read.
+    let mut tried = false;
 
     for (status, spec) in &specs {
         let reference = first_due(inner, spec, now);
@@ -729,6 +812,7 @@ async fn evaluate(inner: &Inner) -> Result<(), StoreError> {
                     ),
                 };
                 let threshold = now - chrono::Duration::from_std(stale).unwrap_or_default();
+                tried = true;
                 open(
                     inner,
                     spec,
@@ -756,6 +840,7 @@ async fn evaluate(inner: &Inner) -> Result<(), StoreError> {
                 run.scheduled_at.to_rfc3339(),
                 humantime::format_duration(late)
             );
+            tried = true;
             open(
                 inner,
                 spec,
@@ -769,7 +854,10 @@ async fn evaluate(inner: &Inner) -> Result<(), StoreError> {
             .await?;
         }
     }
-    let open_now = inner.store.open_incidents().await?;
+    if tried {
+        open_now = inner.store.open_incidents().await?;
+        inner.keep_snapshot(&rows, &open_now);
+    }
     publish_metrics(inner, &specs, &rows, &open_now, now);
     Ok(())
 }

@@ -336,8 +336,9 @@ async fn keep_partitions(store: Store, stop: CancellationToken) {
 }
 
 /// How often a replica re-reads the paused jobs: a pause made through another
-/// replica's API is obeyed here within this.
-pub const PAUSES_EVERY: Duration = Duration::from_secs(1);
+/// replica's API is obeyed here within this (through this one's, at once). A query
+/// a second per replica would be a thousand a second for a fleet.
+pub const PAUSES_EVERY: Duration = Duration::from_secs(5);
 
 /// Keeps the scheduler's paused jobs equal to PostgreSQL's; through an outage the
 /// last known pauses stay in force.

@@ -24,6 +24,9 @@ const BATCH: usize = 500;
 /// PostgreSQL is away; past it the oldest queued outputs are let go, never the rows.
 pub const MAX_QUEUED_OUTPUT_BYTES: usize = 64 << 20;
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// How long the first record after a quiet spell waits for company before it is
+/// written: a one-second job's two records a run become one statement.
+const GATHER: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -248,6 +251,15 @@ async fn writer(w: Writer, mut rx: mpsc::UnboundedReceiver<Op>) {
             match rx.recv().await {
                 Some(op) => take(op, &mut pending, &mut waiters, &mut close),
                 None => return,
+            }
+            // A short run's start and end arrive milliseconds apart: gather a moment
+            // so they go as one row, unless someone waits for the write.
+            let until = tokio::time::Instant::now() + GATHER;
+            while waiters.is_empty() && close.is_none() && pending.len() < BATCH {
+                match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(Some(op)) => take(op, &mut pending, &mut waiters, &mut close),
+                    Ok(None) | Err(_) => break,
+                }
             }
         }
         while let Ok(op) = rx.try_recv() {

@@ -173,6 +173,23 @@ impl Store {
         host: &str,
         resolved: impl Fn(&Incident) -> Value,
     ) -> Result<Vec<Incident>, StoreError> {
+        // One round trip when nothing is open to resolve (vigil_record_outcome takes
+        // the job's lock, as the transaction below does).
+        let fast = async {
+            let to_resolve: bool =
+                sqlx::query_scalar("SELECT vigil_record_outcome($1, $2, $3, $4, $5)")
+                    .bind(o.job)
+                    .bind(o.scope_key)
+                    .bind(o.run_id)
+                    .bind(o.status.as_str())
+                    .bind(o.finished_at)
+                    .fetch_one(&self.pool)
+                    .await?;
+            Ok::<_, StoreError>(to_resolve)
+        };
+        if !self.bounded(fast).await? {
+            return Ok(Vec::new());
+        }
         let call = async {
             let mut tx = self.pool.begin().await?;
             lock_job(&mut tx, o.job, o.scope_key).await?;

@@ -69,7 +69,13 @@ pub struct Sampler {
     last_at: Instant,
     previous: Previous,
     min_cpu_interval: std::time::Duration,
+    /// When the CPU frequency was last read: without cpufreq (most VMs) sysinfo reads
+    /// `/proc/cpuinfo`, which makes the kernel ask every core; the value barely moves.
+    frequency_read_at: Option<Instant>,
 }
+
+/// How often the CPU frequency is read again (samples between repeat the last value).
+const FREQUENCY_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot read host metrics: {0}")]
@@ -110,6 +116,7 @@ impl Sampler {
                 .unwrap_or_else(Instant::now),
             previous: Previous::default(),
             min_cpu_interval: MINIMUM_CPU_UPDATE_INTERVAL,
+            frequency_read_at: None,
         };
         me.sample();
         Ok(me)
@@ -133,8 +140,15 @@ impl Sampler {
         let per_s = |n: u64| round2(n as f64 / elapsed);
 
         let cpu = self.wants(Collect::Cpu).then(|| {
-            self.system
-                .refresh_cpu_specifics(CpuRefreshKind::nothing().with_usage().with_frequency());
+            let mut kind = CpuRefreshKind::nothing().with_usage();
+            if self
+                .frequency_read_at
+                .is_none_or(|t| t.elapsed() >= FREQUENCY_EVERY)
+            {
+                kind = kind.with_frequency();
+                self.frequency_read_at = Some(now);
+            }
+            self.system.refresh_cpu_specifics(kind);
             let cpus = self.system.cpus();
             let freqs: Vec<u64> = cpus
                 .iter()
