@@ -149,6 +149,7 @@ async fn main() {
             deadline: tokio::time::Instant::now() + Duration::from_secs(1800),
             input: None,
             output: Default::default(),
+            resources: Default::default(),
         })
         .await
         .expect("sync");

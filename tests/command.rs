@@ -32,23 +32,31 @@ fn rss(pid: u32) -> u64 {
 
 /// Starts vigil on `jobs` and waits for its gateway.
 async fn start(db: &TestDb, dir: &std::path::Path, jobs: &str) -> (Running, u16) {
+    start_with(db, dir, jobs, &[]).await
+}
+
+/// Starts vigil on `jobs`, with `env` besides the database and port.
+async fn start_with(
+    db: &TestDb,
+    dir: &std::path::Path,
+    jobs: &str,
+    env: &[(&str, &str)],
+) -> (Running, u16) {
     write(dir, "jobs.toml", jobs);
     let port = free_port();
     let port_text = port.to_string();
+    let mut all = vec![
+        ("DATABASE_URL", db.url.as_str()),
+        ("PORT", port_text.as_str()),
+        ("VIGIL_WATCH_CONFIG", "false"),
+    ];
+    all.extend_from_slice(env);
     let child = Running(
-        vigil(
-            dir,
-            &["run"],
-            &[
-                ("DATABASE_URL", db.url.as_str()),
-                ("PORT", port_text.as_str()),
-                ("VIGIL_WATCH_CONFIG", "false"),
-            ],
-        )
-        .stdout(std::fs::File::create(dir.join("vigil.log")).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap(),
+        vigil(dir, &["run"], &all)
+            .stdout(std::fs::File::create(dir.join("vigil.log")).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
     );
     common::eventually(Duration::from_secs(20), "the gateway", || async move {
         common::http()
@@ -315,4 +323,130 @@ async fn a_program_sees_none_of_vigils_secrets_unless_its_job_inherits_the_envir
         );
     }
     assert!(!text.contains("mongo-pw-123") && !text.contains("tok-0123456789"));
+}
+
+/// Allocates and touches MIB MiB, then burns CPU until the process has used CPU
+/// seconds in all; prints its own peak resident memory (bytes) and CPU seconds.
+const BURN: &str = r#"
+import sys, time
+mib, cpu = int(sys.argv[1]), float(sys.argv[2])
+b = bytearray(mib << 20)
+for i in range(0, len(b), 4096):
+    b[i] = 1
+while time.process_time() < cpu:
+    pass
+hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(hwm, time.process_time(), flush=True)
+"#;
+
+/// What each program reported of itself: (peak bytes, CPU seconds) per line.
+fn reported(run: &Value) -> Vec<(f64, f64)> {
+    run["output"]
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (a, b) = l.split_once(' ')?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        })
+        .collect()
+}
+
+fn within(measured: f64, expected: f64, share: f64) -> bool {
+    (measured - expected).abs() <= expected * share
+}
+
+/// A run that burns about a CPU-second holding about 200 MiB, and one whose two
+/// children burn half a second each holding 100 MiB at the same time: vigil's
+/// figures agree with what the programs measured of themselves within 20 %, under a
+/// cgroup of the run's own (where this machine lets vigil make one) and by the
+/// process tree.
+async fn resources_of_runs_agree_with_the_programs_own_account(cgroups: bool) {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let burn = write(dir.path(), "burn.py", BURN);
+    let jobs = format!(
+        "[[jobs]]\nname = \"burn\"\nkind = \"command\"\nevery = \"1h\"\n\
+         [jobs.settings]\ncommand = [\"python3\", \"{b}\", \"200\", \"1.0\"]\n\n\
+         [[jobs]]\nname = \"forks\"\nkind = \"command\"\nevery = \"1h\"\n\
+         [jobs.settings]\ncommand = [\"sh\", \"-c\", \"python3 {b} 100 0.5 & python3 {b} 100 0.5 & wait\"]\n",
+        b = burn.display()
+    );
+    let setting = if cgroups { "true" } else { "false" };
+    let (vigil, port) = start_with(&db, dir.path(), &jobs, &[("VIGIL_RUN_CGROUPS", setting)]).await;
+    let expected_method = if cgroups && vigil::jobs::command::cgroup_place().is_some() {
+        "cgroup"
+    } else {
+        "process_tree"
+    };
+    for job in ["burn", "forks"] {
+        let run = trigger(port, job).await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        let own = reported(&run);
+        assert_eq!(own.len(), if job == "burn" { 1 } else { 2 }, "{run}");
+        let (peak, cpu): (f64, f64) = own
+            .iter()
+            .fold((0.0, 0.0), |(p, c), (pp, cc)| (p + pp, c + cc));
+        let id = run["run_id"].as_str().unwrap();
+        let (_, view) = get(port, &format!("/api/runs/{id}")).await;
+        let r = &view["resources"];
+        let used = r["cpu_user_s"].as_f64().unwrap() + r["cpu_system_s"].as_f64().unwrap();
+        let measured_peak = r["peak_rss_bytes"].as_f64().unwrap();
+        println!(
+            "{job} ({expected_method}): CPU {used:.3} s (programs: {cpu:.3} s), peak {:.1} MiB \
+             (programs: {:.1} MiB), read {} B, written {} B",
+            measured_peak / 1048576.0,
+            peak / 1048576.0,
+            r["read_bytes"],
+            r["written_bytes"]
+        );
+        assert_eq!(r["measured_by"], expected_method, "{view}");
+        assert!(within(used, cpu, 0.2), "{job}: CPU {used} vs {cpu}");
+        assert!(
+            within(measured_peak, peak, 0.2),
+            "{job}: peak {measured_peak} vs {peak}"
+        );
+    }
+    // In the ledger, and in /metrics as histograms per job.
+    let stored: Option<f64> =
+        sqlx::query_scalar("SELECT max(peak_rss_bytes)::float8 FROM job_runs WHERE job = 'burn'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert!(stored.unwrap_or(0.0) > 150.0 * 1048576.0, "{stored:?}");
+    let metrics = common::http()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "vigil_run_cpu_seconds_count{job=\"burn\"} 1",
+        "vigil_run_peak_memory_bytes_count{job=\"forks\"} 1",
+        "vigil_run_io_bytes_count{job=\"burn\",direction=\"write\"} 1",
+    ] {
+        assert!(metrics.contains(series), "{series} not in /metrics");
+    }
+    drop(vigil);
+}
+
+async fn get(port: u16, path: &str) -> (reqwest::StatusCode, Value) {
+    let r = common::http()
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .send()
+        .await
+        .unwrap();
+    (r.status(), r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runs_cpu_and_peak_memory_are_measured_in_a_cgroup_of_its_own() {
+    resources_of_runs_agree_with_the_programs_own_account(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runs_cpu_and_peak_memory_are_measured_by_its_process_tree_without_cgroups() {
+    resources_of_runs_agree_with_the_programs_own_account(false).await;
 }

@@ -304,6 +304,7 @@ async fn seed(db: &TestDb) {
                 retry_after_ms: None,
                 input: None,
                 output: None,
+                resources: None,
             });
         }
     }

@@ -48,6 +48,7 @@ fn ctx() -> RunContext {
         deadline: tokio::time::Instant::now() + Duration::from_secs(300),
         input: None,
         output: Default::default(),
+        resources: Default::default(),
     }
 }
 

@@ -33,6 +33,7 @@ fn ctx() -> RunContext {
         deadline: tokio::time::Instant::now() + Duration::from_secs(60),
         input: None,
         output: Default::default(),
+        resources: Default::default(),
     }
 }
 

@@ -359,6 +359,7 @@ fn past_firing(job: &str, at: DateTime<Utc>) -> RunRecord {
         retry_after_ms: None,
         input: None,
         output: None,
+        resources: None,
     }
 }
 
@@ -652,6 +653,7 @@ async fn a_program_that_does_not_exist_is_a_permanent_failure() {
         env: vigil::config::Environment::capture().unwrap(),
         host_root: None,
         spool: None,
+        run_cgroups: true,
     };
     let job = vigil::jobs::build(&real, &deps).unwrap();
     s.add(spec, job).await.unwrap();

@@ -29,6 +29,7 @@ fn ctx(job: &str) -> RunContext {
         deadline: tokio::time::Instant::now() + Duration::from_secs(120),
         input: None,
         output: Default::default(),
+        resources: Default::default(),
     }
 }
 
@@ -168,6 +169,7 @@ command = ["true"]
         env: vigil::config::Environment::capture().unwrap(),
         host_root: None,
         spool: None,
+        run_cgroups: true,
     };
     let kinds: std::collections::BTreeSet<String> =
         specs.iter().map(|s| s.kind.to_string()).collect();

@@ -40,6 +40,7 @@ fn ctx() -> RunContext {
         deadline: tokio::time::Instant::now() + Duration::from_secs(60),
         input: None,
         output: Default::default(),
+        resources: Default::default(),
     }
 }
 
@@ -65,6 +66,7 @@ async fn a_sample_read_back_from_postgres_is_sane() {
             env: vigil::config::Environment::capture().unwrap(),
             host_root: None,
             spool: None,
+            run_cgroups: true,
         },
     )
     .unwrap();
@@ -102,6 +104,39 @@ async fn a_sample_read_back_from_postgres_is_sane() {
             let used = d["used_pct"].as_f64().unwrap();
             assert!((0.0..=100.0).contains(&used));
             assert_ne!(d["fs"], "tmpfs", "tmpfs excluded by default");
+            // Inodes from statvfs; operations and busy time from /proc/diskstats.
+            if let Some(p) = d["inodes_used_pct"].as_f64() {
+                assert!((0.0..=100.0).contains(&p), "{d}");
+                assert!(d["inodes_used"].as_u64().unwrap() <= d["inodes_total"].as_u64().unwrap());
+            }
+            let busy = d["busy_pct"].as_f64().unwrap();
+            assert!((0.0..=100.0).contains(&busy), "{d}");
+            assert!(d["reads_per_s"].as_f64().unwrap() >= 0.0, "{d}");
+            assert!(d["writes_per_s"].as_f64().unwrap() >= 0.0, "{d}");
+        }
+        assert!(
+            disks
+                .iter()
+                .any(|d| d["inodes_total"].as_u64().unwrap_or(0) > 0),
+            "some disk has inodes: {m}"
+        );
+        // The sections new in the default collect.
+        assert_eq!(
+            m["top_processes"]["by_cpu"].as_array().unwrap().len(),
+            5,
+            "{m}"
+        );
+        assert_eq!(
+            m["top_processes"]["by_memory"].as_array().unwrap().len(),
+            5,
+            "{m}"
+        );
+        assert!(m["containers"].is_array(), "{m}");
+        if Path::new("/proc/pressure/cpu").exists() {
+            for r in ["cpu", "memory", "io"] {
+                let some = m["pressure"][r]["some_avg10"].as_f64().unwrap();
+                assert!((0.0..=100.0).contains(&some), "{m}");
+            }
         }
 
         let ifaces = m["network"]["interfaces"].as_array().unwrap();
@@ -269,6 +304,7 @@ async fn samples_taken_while_postgres_is_down_are_written_in_order_when_it_retur
             env: vigil::config::Environment::capture().unwrap(),
             host_root: None,
             spool: None,
+            run_cgroups: true,
         },
     )
     .unwrap();
@@ -551,4 +587,87 @@ fn sampling_through_a_host_root_reads_that_hosts_processes_mounts_network_and_na
         vigil::jobs::system_metrics::host_name(host.path()).as_deref(),
         Some("far-host")
     );
+}
+
+/// A process of this test's: killed when dropped.
+struct Spawned(std::process::Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_busy_process_leads_by_cpu_a_large_one_by_memory_and_command_lines_need_the_setting() {
+    let marker = format!("vigil-top-test-{}", std::process::id());
+    // Three spinning threads: busier than anything else here, whatever runs beside.
+    let spinner = Spawned(
+        std::process::Command::new("perl")
+            .args([
+                "-Mthreads",
+                "-e",
+                "threads->create(sub { 1 while 1 }) for 1..3; sleep 60",
+                &marker,
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    // 300 MiB, every page touched, then idle.
+    let mut holder = Spawned(
+        std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import time\nb = bytearray(300 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nprint('ready', flush=True)\ntime.sleep(60)",
+                &marker,
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Wait until its memory is touched.
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.0.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    for cmdline in [false, true] {
+        let config: SystemMetricsConfig = toml::from_str(&format!(
+            "collect = [\"top_processes\"]\ntop_n = 3\nprocess_cmdline = {cmdline}\n"
+        ))
+        .unwrap();
+        let mut sampler = vigil::jobs::system_metrics::Sampler::new(&config).unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        let sample = serde_json::to_value(sampler.sample()).unwrap();
+        let top = &sample["top_processes"];
+        let by_cpu = top["by_cpu"].as_array().unwrap();
+        let by_memory = top["by_memory"].as_array().unwrap();
+        assert_eq!(by_cpu.len(), 3, "{top:#}");
+        assert_eq!(by_cpu[0]["pid"], spinner.0.id(), "{top:#}");
+        assert!(by_cpu[0]["cpu_pct"].as_f64().unwrap() > 50.0, "{top:#}");
+        assert_eq!(by_cpu[0]["name"], "perl");
+        assert_eq!(by_memory[0]["pid"], holder.0.id(), "{top:#}");
+        let rss = by_memory[0]["rss_bytes"].as_u64().unwrap();
+        assert!(rss >= 300 << 20, "{rss}");
+        let me = nix::unistd::User::from_uid(nix::unistd::getuid())
+            .unwrap()
+            .map_or_else(|| nix::unistd::getuid().to_string(), |u| u.name);
+        assert_eq!(by_memory[0]["user"], me.as_str());
+        for p in by_cpu.iter().chain(by_memory) {
+            match cmdline {
+                false => assert!(p.get("cmdline").is_none(), "{p}"),
+                true => assert!(p["cmdline"].is_string(), "{p}"),
+            }
+        }
+        if cmdline {
+            let line = by_cpu[0]["cmdline"].as_str().unwrap();
+            assert!(
+                line.starts_with("perl -Mthreads -e") && line.ends_with(&marker),
+                "{line}"
+            );
+        }
+    }
 }

@@ -142,6 +142,7 @@ pub async fn scheduler(
         mongo_uri: config.settings.mongo_uri.clone(),
         env: config.env.clone(),
         host_root: config.settings.host_root.clone(),
+        run_cgroups: config.settings.run_cgroups,
         spool: Some(spool),
     };
     let reloader = Arc::new(Reloader::new(

@@ -667,6 +667,7 @@ pub(super) fn run_view(r: &RunRecord) -> Value {
         "retry_after_ms": r.retry_after_ms,
         "duration_ms": r.finished_at.map(|f| (f - r.started_at).num_milliseconds()),
         "input": r.input,
+        "resources": r.resources,
     })
 }
 

@@ -3,6 +3,7 @@
 //! A job does not know when or why it runs; the scheduler decides that and governs
 //! the run (timeout, retries, overlap, ledger).
 
+pub mod cgroupfs;
 pub mod command;
 pub mod mongo_sync;
 pub mod retention;
@@ -189,6 +190,8 @@ pub struct RunContext {
     pub input: Option<Arc<serde_json::Value>>,
     /// Where the run leaves its output (a `command` job's stdout).
     pub output: OutputSink,
+    /// Where the run leaves what it used (a `command` job's process tree).
+    pub resources: ResourcesSink,
 }
 
 impl RunContext {
@@ -205,11 +208,36 @@ impl RunContext {
             deadline,
             input: None,
             output: OutputSink::default(),
+            resources: ResourcesSink::default(),
         }
     }
 }
 
-pub use crate::store::runs::RunOutput;
+pub use crate::store::runs::{RunOutput, RunResources};
+
+/// Where a run puts the resources it used; the scheduler takes them when the attempt
+/// ends, also one cut off by a timeout (the job sets them as it is dropped).
+#[derive(Debug, Clone, Default)]
+pub struct ResourcesSink {
+    slot: Arc<std::sync::Mutex<Option<RunResources>>>,
+}
+
+impl ResourcesSink {
+    pub fn set(&self, r: RunResources) {
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    pub fn take(&self) -> Option<RunResources> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
 
 /// Where a run puts its output; the scheduler takes it when the attempt ends. Only
 /// runs someone invoked keep one (a scheduled run's stdout is in its logs): a chatty
@@ -330,6 +358,9 @@ pub struct Deps {
     /// Where jobs that buffer rows for PostgreSQL spill them to disk (and how much
     /// each may keep there); `None`: in memory only.
     pub spool: Option<SpoolPlace>,
+    /// Whether a `command` run may get a cgroup of its own for its measurement (where
+    /// the machine lets vigil make one); `false`: its process tree is accounted.
+    pub run_cgroups: bool,
 }
 
 /// A directory for spools and the bound on each.

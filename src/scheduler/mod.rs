@@ -978,6 +978,7 @@ impl Inner {
             host: self.host.clone(),
             permanent: false,
             retry_after_ms: None,
+            resources: None,
             input: None,
             output: None,
         };

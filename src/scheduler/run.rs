@@ -38,6 +38,8 @@ struct Ended {
     retry_after: Option<Duration>,
     /// What the attempt produced for its caller.
     output: Option<crate::jobs::RunOutput>,
+    /// What the attempt used, where the job measured it.
+    resources: Option<crate::jobs::RunResources>,
 }
 
 impl Ended {
@@ -50,6 +52,7 @@ impl Ended {
             permanent: false,
             retry_after: None,
             output: None,
+            resources: None,
         }
     }
 }
@@ -161,6 +164,7 @@ pub(super) async fn govern(
             retry_after_ms: None,
             input: active.run.input.as_deref().cloned(),
             output: None,
+            resources: None,
         };
         inner.record(record.clone());
         if attempt == 1 {
@@ -177,6 +181,7 @@ pub(super) async fn govern(
         let ended = attempt_once(&slot, id, record.trigger, &active, span.clone()).await;
         record.finished_at = Some(inner.clock.now());
         record.output = ended.output.clone();
+        record.resources = ended.resources.clone();
         record.status = ended.status;
         record.items = ended.items;
         record.error = ended.error.clone();
@@ -192,6 +197,15 @@ pub(super) async fn govern(
         inner
             .metrics
             .run_finished(&spec.name, ended.status.as_str(), duration, ended.items);
+        if let Some(r) = &ended.resources {
+            inner.metrics.run_resources(
+                &spec.name,
+                r.cpu_user_s + r.cpu_system_s,
+                r.peak_rss_bytes,
+                r.read_bytes,
+                r.written_bytes,
+            );
+        }
         span.in_scope(|| match ended.status {
             RunStatus::Succeeded | RunStatus::Skipped => tracing::info!(
                 status = %ended.status, items = ended.items, duration_ms, "run finished"
@@ -289,6 +303,7 @@ async fn attempt_once(
     // The run's first trigger says who asked: a manual run (API, CLI) keeps its output.
     ctx.output = crate::jobs::OutputSink::new(active.run.trigger == Trigger::Manual);
     let output = ctx.output.clone();
+    let resources = ctx.resources.clone();
     let job = slot.job.clone();
     let mut handle = tokio::spawn(async move { job.run(ctx).await }.instrument(span));
 
@@ -359,6 +374,7 @@ async fn attempt_once(
         },
     };
     ended.output = output.take();
+    ended.resources = resources.take();
     ended
 }
 

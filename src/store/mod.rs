@@ -19,7 +19,7 @@ use sqlx::{ConnectOptions as _, PgPool};
 
 use crate::config::DatabaseTarget;
 
-pub use runs::{RunRecord, RunStatus, Trigger};
+pub use runs::{MeasuredBy, RunRecord, RunResources, RunStatus, Trigger};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -137,11 +137,46 @@ pub struct RunRecord {
     /// What the attempt produced (a command's stdout), written to `run_outputs`.
     #[serde(default)]
     pub output: Option<RunOutput>,
+    /// What the attempt used (a command's process tree), where measured.
+    #[serde(default)]
+    pub resources: Option<RunResources>,
+}
+
+/// What a run used, measured by the kernel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunResources {
+    pub cpu_user_s: f64,
+    pub cpu_system_s: f64,
+    pub peak_rss_bytes: u64,
+    pub read_bytes: u64,
+    pub written_bytes: u64,
+    pub measured_by: MeasuredBy,
+}
+
+/// How a run's resources were measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MeasuredBy {
+    /// A cgroup of the run's own: everything it started, counted by the kernel.
+    Cgroup,
+    /// The process tree: the program and the children it waited for, and the tree's
+    /// resident memory polled.
+    ProcessTree,
+}
+
+impl MeasuredBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MeasuredBy::Cgroup => "cgroup",
+            MeasuredBy::ProcessTree => "process_tree",
+        }
+    }
 }
 
 pub(super) const COLUMNS: &str = "id, job, kind, trigger, attempt, retry_of, scheduled_at, started_at, \
                        finished_at, status, items, error, host, permanent, retry_after_ms, \
-                       input";
+                       input, cpu_user_s, cpu_system_s, peak_rss_bytes, read_bytes, \
+                       written_bytes, resources_measured_by";
 
 pub(super) fn from_row(row: &sqlx::postgres::PgRow) -> Result<RunRecord, StoreError> {
     let bad = |e: String| StoreError::Query(sqlx::Error::Decode(e.into()));
@@ -165,7 +200,31 @@ pub(super) fn from_row(row: &sqlx::postgres::PgRow) -> Result<RunRecord, StoreEr
             .try_get::<Option<serde_json::Value>, _>("input")?
             .map(input_from_column),
         output: None,
+        resources: resources_from_row(row)?,
     })
+}
+
+fn resources_from_row(row: &sqlx::postgres::PgRow) -> Result<Option<RunResources>, StoreError> {
+    let Some(by) = row.try_get::<Option<String>, _>("resources_measured_by")? else {
+        return Ok(None);
+    };
+    let count = |c: &str| -> Result<u64, StoreError> {
+        Ok(u64::try_from(row.try_get::<Option<i64>, _>(c)?.unwrap_or(0)).unwrap_or(0))
+    };
+    Ok(Some(RunResources {
+        cpu_user_s: row.try_get::<Option<f64>, _>("cpu_user_s")?.unwrap_or(0.0),
+        cpu_system_s: row
+            .try_get::<Option<f64>, _>("cpu_system_s")?
+            .unwrap_or(0.0),
+        peak_rss_bytes: count("peak_rss_bytes")?,
+        read_bytes: count("read_bytes")?,
+        written_bytes: count("written_bytes")?,
+        measured_by: if by == "cgroup" {
+            MeasuredBy::Cgroup
+        } else {
+            MeasuredBy::ProcessTree
+        },
+    }))
 }
 
 /// How an input that `jsonb` cannot hold as is (U+0000 in a string or key) is stored:
@@ -326,6 +385,12 @@ impl Store {
         let mut permanents = Vec::with_capacity(runs.len());
         let mut retry_afters = Vec::with_capacity(runs.len());
         let mut inputs = Vec::with_capacity(runs.len());
+        let mut cpu_user = Vec::with_capacity(runs.len());
+        let mut cpu_system = Vec::with_capacity(runs.len());
+        let mut peak_rss = Vec::with_capacity(runs.len());
+        let mut read = Vec::with_capacity(runs.len());
+        let mut written = Vec::with_capacity(runs.len());
+        let mut measured_by = Vec::with_capacity(runs.len());
         for r in runs {
             ids.push(r.id);
             jobs.push(r.job.as_str());
@@ -343,22 +408,40 @@ impl Store {
             permanents.push(r.permanent);
             retry_afters.push(r.retry_after_ms);
             inputs.push(r.input.as_ref().map(input_to_column));
+            let res = r.resources.as_ref();
+            let big = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            cpu_user.push(res.map(|x| x.cpu_user_s));
+            cpu_system.push(res.map(|x| x.cpu_system_s));
+            peak_rss.push(res.map(|x| big(x.peak_rss_bytes)));
+            read.push(res.map(|x| big(x.read_bytes)));
+            written.push(res.map(|x| big(x.written_bytes)));
+            measured_by.push(res.map(|x| x.measured_by.as_str()));
         }
         let write = sqlx::query(
             "INSERT INTO job_runs (id, job, kind, trigger, attempt, retry_of, scheduled_at, \
                                    started_at, finished_at, status, items, error, host, \
-                                   permanent, retry_after_ms, input)
+                                   permanent, retry_after_ms, input, cpu_user_s, cpu_system_s, \
+                                   peak_rss_bytes, read_bytes, written_bytes, \
+                                   resources_measured_by)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], \
                                   $6::uuid[], $7::timestamptz[], $8::timestamptz[], \
                                   $9::timestamptz[], $10::text[], $11::bigint[], $12::text[], \
-                                  $13::text[], $14::bool[], $15::bigint[], $16::jsonb[])
+                                  $13::text[], $14::bool[], $15::bigint[], $16::jsonb[], \
+                                  $17::float8[], $18::float8[], $19::bigint[], $20::bigint[], \
+                                  $21::bigint[], $22::text[])
              ON CONFLICT (id) DO UPDATE SET
                  finished_at = EXCLUDED.finished_at,
                  status = EXCLUDED.status,
                  items = EXCLUDED.items,
                  error = EXCLUDED.error,
                  permanent = EXCLUDED.permanent,
-                 retry_after_ms = EXCLUDED.retry_after_ms
+                 retry_after_ms = EXCLUDED.retry_after_ms,
+                 cpu_user_s = EXCLUDED.cpu_user_s,
+                 cpu_system_s = EXCLUDED.cpu_system_s,
+                 peak_rss_bytes = EXCLUDED.peak_rss_bytes,
+                 read_bytes = EXCLUDED.read_bytes,
+                 written_bytes = EXCLUDED.written_bytes,
+                 resources_measured_by = EXCLUDED.resources_measured_by
              WHERE job_runs.status = 'running'",
         )
         .bind(&ids)
@@ -377,6 +460,12 @@ impl Store {
         .bind(&permanents)
         .bind(&retry_afters)
         .bind(&inputs)
+        .bind(&cpu_user)
+        .bind(&cpu_system)
+        .bind(&peak_rss)
+        .bind(&read)
+        .bind(&written)
+        .bind(&measured_by)
         .execute(&self.pool);
         self.bounded(async { Ok(write.await?) }).await?;
         // Outputs, by run (the first attempt's id): the latest attempt's wins.

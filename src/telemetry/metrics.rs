@@ -56,6 +56,13 @@ pub struct HttpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RunIoLabels {
+    pub job: String,
+    /// `read` or `write`.
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: String,
 }
@@ -65,6 +72,16 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 /// Run durations: 1 ms to about 1.2 hours.
 fn run_duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 4.0, 12))
+}
+
+/// CPU seconds of a run: 10 ms to about 45 minutes.
+fn run_cpu_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.01, 4.0, 12))
+}
+
+/// Bytes of a run (peak memory, I/O): 1 MiB to 16 GiB.
+fn run_bytes_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1048576.0, 4.0, 8))
 }
 
 /// Scheduler lag: 1 ms to about 16 s.
@@ -82,6 +99,9 @@ pub struct Inner {
     pub runs: Family<JobStatusLabels, Counter>,
     pub run_duration: HistogramFamily<JobLabels>,
     pub run_items: Family<JobLabels, Counter>,
+    pub run_cpu: HistogramFamily<JobLabels>,
+    pub run_peak_memory: HistogramFamily<JobLabels>,
+    pub run_io: HistogramFamily<RunIoLabels>,
     pub scheduler_lag: HistogramFamily<JobLabels>,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_duration: HistogramFamily<RouteLabels>,
@@ -141,6 +161,26 @@ impl Metrics {
             "run_duration_seconds",
             "Duration of job run attempts",
             run_duration.clone(),
+        );
+        let run_cpu: HistogramFamily<JobLabels> = Family::new_with_constructor(run_cpu_histogram);
+        registry.register(
+            "run_cpu_seconds",
+            "CPU time (user and system) of each measured run's process tree",
+            run_cpu.clone(),
+        );
+        let run_peak_memory: HistogramFamily<JobLabels> =
+            Family::new_with_constructor(run_bytes_histogram);
+        registry.register(
+            "run_peak_memory_bytes",
+            "Peak resident memory of each measured run's process tree",
+            run_peak_memory.clone(),
+        );
+        let run_io: HistogramFamily<RunIoLabels> =
+            Family::new_with_constructor(run_bytes_histogram);
+        registry.register(
+            "run_io_bytes",
+            "Bytes each measured run's process tree read and wrote",
+            run_io.clone(),
         );
         let run_items = Family::<JobLabels, Counter>::default();
         registry.register(
@@ -275,6 +315,9 @@ impl Metrics {
             runs,
             run_duration,
             run_items,
+            run_cpu,
+            run_peak_memory,
+            run_io,
             scheduler_lag,
             http_requests,
             http_duration,
@@ -313,6 +356,25 @@ impl Metrics {
             .observe(duration.as_secs_f64());
         if let Some(n) = items.and_then(|n| u64::try_from(n).ok()) {
             self.run_items.get_or_create(&labels).inc_by(n);
+        }
+    }
+
+    /// What a measured run used: CPU seconds, peak memory, bytes read and written.
+    pub fn run_resources(&self, job: &str, cpu_s: f64, peak_bytes: u64, read: u64, written: u64) {
+        let labels = JobLabels {
+            job: job.to_owned(),
+        };
+        self.run_cpu.get_or_create(&labels).observe(cpu_s);
+        self.run_peak_memory
+            .get_or_create(&labels)
+            .observe(peak_bytes as f64);
+        for (direction, bytes) in [("read", read), ("write", written)] {
+            self.run_io
+                .get_or_create(&RunIoLabels {
+                    job: job.to_owned(),
+                    direction,
+                })
+                .observe(bytes as f64);
         }
     }
 

@@ -94,6 +94,7 @@ impl TestDb {
             env: vigil::config::Environment::capture().unwrap(),
             host_root: None,
             spool: None,
+            run_cgroups: true,
         }
     }
 }

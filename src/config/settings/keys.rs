@@ -70,6 +70,7 @@ pub const KEYS: &[Key] = &[
     key("spool_max_bytes", "VIGIL_SPOOL_MAX_BYTES", RunnerAndEnv),
     key("pg_bin_dir", "VIGIL_PG_BIN_DIR", RunnerAndEnv),
     key("host_root", "VIGIL_HOST_ROOT", RunnerAndEnv),
+    key("run_cgroups", "VIGIL_RUN_CGROUPS", RunnerAndEnv),
     key("loki_labels", "VIGIL_LOKI_LABELS", RunnerAndEnv),
     key("loki_max_buffer", "VIGIL_LOKI_MAX_BUFFER", RunnerAndEnv),
     key("api_token", "VIGIL_API_TOKEN", EnvOnly),
@@ -139,6 +140,9 @@ pub const DEFAULT_METRICS_PUBLIC: bool = false;
 pub const DEFAULT_MAX_WAITING: u32 = 32;
 /// Open connections to the gateway; past it, new ones wait in the kernel's backlog.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 512;
+/// A cgroup per `command` run where vigil may make one: the kernel then counts
+/// everything the run started.
+pub const DEFAULT_RUN_CGROUPS: bool = true;
 /// The seed's reading sync job.
 pub const DEFAULT_READING_SYNC_JOB: &str = "reading-sync";
 /// Tens of thousands of events: a few minutes of a busy runner's logs.

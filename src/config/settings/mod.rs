@@ -58,6 +58,9 @@ pub struct Settings {
     /// Where the host's root file system is mounted, for host metrics sampled from
     /// inside a container (as node_exporter's `--path.rootfs`).
     pub host_root: Option<PathBuf>,
+    /// Whether each `command` run gets a cgroup of its own (where vigil may make one)
+    /// to measure what it used; else its process tree is accounted.
+    pub run_cgroups: bool,
     /// `$PATH`, where the embedded PostgreSQL's binaries are looked for last.
     pub search_path: Option<String>,
     /// With a token, every request that starts work needs `Authorization: Bearer <token>`.
@@ -228,6 +231,7 @@ impl Settings {
             pg_bin_dir: r.string("pg_bin_dir").map(PathBuf::from),
             search_path: env.get("PATH").map(str::to_owned),
             host_root: read::host_root(&mut r),
+            run_cgroups: r.flag("run_cgroups", DEFAULT_RUN_CGROUPS),
             api_token: r.string("api_token").map(Secret::new),
             api_reads_open: r.flag("api_reads_open", DEFAULT_API_READS_OPEN),
             metrics_public: r.flag("metrics_public", DEFAULT_METRICS_PUBLIC),

@@ -190,6 +190,9 @@ pub fn io_of(
 pub struct Space {
     pub total_bytes: u64,
     pub available_bytes: u64,
+    /// Inodes in all and free; 0 in all where the file system has no fixed number.
+    pub inodes: u64,
+    pub inodes_free: u64,
 }
 
 /// `statvfs(path)`: the blocking call that may hang.
@@ -199,6 +202,8 @@ pub fn statvfs(path: &Path) -> io::Result<Space> {
     Ok(Space {
         total_bytes: (s.blocks() as u64).saturating_mul(frsize),
         available_bytes: (s.blocks_available() as u64).saturating_mul(frsize),
+        inodes: s.files() as u64,
+        inodes_free: s.files_free() as u64,
     })
 }
 
@@ -371,6 +376,8 @@ mod tests {
         Ok(Space {
             total_bytes: 100,
             available_bytes: 40,
+            inodes: 10,
+            inodes_free: 5,
         })
     }
 
@@ -380,6 +387,8 @@ mod tests {
         let ok = Probe::Space(Space {
             total_bytes: 100,
             available_bytes: 40,
+            inodes: 10,
+            inodes_free: 5,
         });
         assert_eq!(p.probe(Path::new("/")), ok);
         let t = Instant::now();

@@ -7,7 +7,10 @@
 //! dropped, counted and logged. `(host, ts)` is the key, so a batch re-sent after an
 //! ambiguous failure cannot duplicate a row.
 
+mod containers;
 mod disks;
+mod pressure;
+mod processes;
 mod sample;
 mod sampler;
 
@@ -84,10 +87,13 @@ pub enum Collect {
     Processes,
     #[serde(rename = "self")]
     Own,
+    TopProcesses,
+    Containers,
+    Pressure,
 }
 
 impl Collect {
-    pub const ALL: [Collect; 8] = [
+    pub const ALL: [Collect; 11] = [
         Collect::Cpu,
         Collect::Memory,
         Collect::Disk,
@@ -96,6 +102,9 @@ impl Collect {
         Collect::Uptime,
         Collect::Processes,
         Collect::Own,
+        Collect::TopProcesses,
+        Collect::Containers,
+        Collect::Pressure,
     ];
 }
 
@@ -122,6 +131,12 @@ pub struct SystemMetricsConfig {
     pub host: Option<String>,
     /// Samples kept while PostgreSQL is unreachable; default: one hour at the job's interval.
     pub buffer: Option<Spanned<u32>>,
+    /// How many processes `top_processes` lists by CPU and by memory.
+    #[serde(default = "default_top_n")]
+    pub top_n: Spanned<u32>,
+    /// Whether `top_processes` includes command lines (they may carry secrets).
+    #[serde(default)]
+    pub process_cmdline: bool,
 }
 
 impl Default for SystemMetricsConfig {
@@ -133,8 +148,18 @@ impl Default for SystemMetricsConfig {
             exclude_interfaces: default_exclude_interfaces(),
             host: None,
             buffer: None,
+            top_n: default_top_n(),
+            process_cmdline: false,
         }
     }
+}
+
+/// Five by CPU and five by memory: who is behind a spike, in a glance.
+pub const DEFAULT_TOP_N: u32 = 5;
+const MAX_TOP_N: u32 = 100;
+
+fn default_top_n() -> Spanned<u32> {
+    Spanned::new(0..0, DEFAULT_TOP_N)
 }
 
 fn all_sections() -> Vec<Collect> {
@@ -209,6 +234,13 @@ impl Validate for SystemMetricsConfig {
                     "`buffer` must be between {MIN_BUFFER} and {MAX_BUFFER} samples, found {}",
                     b.get_ref()
                 ),
+            ));
+        }
+        let n = *self.top_n.get_ref();
+        if !(1..=MAX_TOP_N).contains(&n) {
+            problems.push((
+                Some(self.top_n.span()),
+                format!("`top_n` must be between 1 and {MAX_TOP_N}, found {n}"),
             ));
         }
         if self.collect.is_empty() {

@@ -33,6 +33,14 @@ pub struct Sample {
     pub processes: Option<u64>,
     #[serde(rename = "self", skip_serializing_if = "Option::is_none")]
     pub own: Option<OwnProcess>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_processes: Option<TopProcesses>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub containers: Option<Vec<Container>>,
+    /// Absent where the kernel offers no pressure information (before 4.20, or
+    /// `psi=0`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pressure: Option<Pressure>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -73,6 +81,15 @@ pub struct Disk {
     pub written_bytes: Option<u64>,
     pub read_bytes_per_s: Option<f64>,
     pub written_bytes_per_s: Option<f64>,
+    /// Inodes of the file system; `null` where it has no fixed number (btrfs).
+    pub inodes_total: Option<u64>,
+    pub inodes_used: Option<u64>,
+    pub inodes_used_pct: Option<f64>,
+    /// Read and write operations completed per second, and the share of the interval
+    /// the device had I/O in flight (0 to 100), from the kernel's `/proc/diskstats`.
+    pub reads_per_s: Option<f64>,
+    pub writes_per_s: Option<f64>,
+    pub busy_pct: Option<f64>,
 }
 
 /// A mount left out of `disks`, and why.
@@ -131,6 +148,74 @@ pub struct OwnProcess {
     /// vigil's CPU time since the previous sample, as a share of one core (can exceed 100).
     pub cpu_pct: f64,
     pub rss_bytes: u64,
+}
+
+/// The heaviest processes of the host, by CPU and by resident memory.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopProcesses {
+    pub by_cpu: Vec<ProcessUse>,
+    pub by_memory: Vec<ProcessUse>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProcessUse {
+    pub pid: i32,
+    /// The kernel's name of the process (`comm`, at most 15 bytes).
+    pub name: String,
+    /// The owner's name in the host's `/etc/passwd`, else the uid.
+    pub user: String,
+    /// CPU time since the previous sample, as a share of one core (can exceed 100).
+    pub cpu_pct: f64,
+    pub rss_bytes: u64,
+    /// Only with `process_cmdline = true`: command lines carry secrets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+}
+
+/// One container, found by its cgroup.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Container {
+    /// The first 12 characters of the container's id, as `docker ps` shows it.
+    pub id: String,
+    /// From the runtime's own metadata where readable, else the id.
+    pub name: String,
+    /// `docker`, `podman`, `containerd`, `cri-o` or `container` (unknown).
+    pub runtime: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compose_project: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compose_service: Option<String>,
+    /// CPU time since the previous sample as a share of one core; `null` the first
+    /// time the container is seen.
+    pub cpu_pct: Option<f64>,
+    /// Memory charged to the container less its inactive file cache (as `docker
+    /// stats` counts it).
+    pub memory_used_bytes: u64,
+    /// `null`: no limit.
+    pub memory_limit_bytes: Option<u64>,
+    pub io_read_bytes_per_s: Option<f64>,
+    pub io_written_bytes_per_s: Option<f64>,
+}
+
+/// Pressure stall information: the share of the last 10 and 60 seconds in which some
+/// (or all) non-idle tasks waited for the resource.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Pressure {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Stall>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Stall>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub io: Option<Stall>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stall {
+    pub some_avg10: f64,
+    pub some_avg60: f64,
+    /// `null` where the kernel does not report it (CPU before 5.13).
+    pub full_avg10: Option<f64>,
+    pub full_avg60: Option<f64>,
 }
 
 /// Rounds a percentage or rate for storage: two decimals say all there is to say.
@@ -197,6 +282,12 @@ mod tests {
                 written_bytes: None,
                 read_bytes_per_s: Some(409.6),
                 written_bytes_per_s: None,
+                inodes_total: Some(1000),
+                inodes_used: Some(250),
+                inodes_used_pct: Some(25.0),
+                reads_per_s: Some(12.5),
+                writes_per_s: None,
+                busy_pct: Some(3.2),
             }]),
             disks_unavailable: None,
             network: Some(Network {
@@ -222,6 +313,51 @@ mod tests {
             own: Some(OwnProcess {
                 cpu_pct: 0.7,
                 rss_bytes: 9_000_000,
+            }),
+            top_processes: Some(TopProcesses {
+                by_cpu: vec![ProcessUse {
+                    pid: 42,
+                    name: "postgres".into(),
+                    user: "postgres".into(),
+                    cpu_pct: 97.5,
+                    rss_bytes: 1 << 20,
+                    cmdline: Some("postgres: checkpointer".into()),
+                }],
+                by_memory: vec![ProcessUse {
+                    pid: 7,
+                    name: "java".into(),
+                    user: "1000".into(),
+                    cpu_pct: 0.5,
+                    rss_bytes: 1 << 30,
+                    cmdline: None,
+                }],
+            }),
+            containers: Some(vec![Container {
+                id: "0123456789ab".into(),
+                name: "shop-web-1".into(),
+                runtime: "docker".into(),
+                compose_project: Some("shop".into()),
+                compose_service: Some("web".into()),
+                cpu_pct: Some(12.5),
+                memory_used_bytes: 5000,
+                memory_limit_bytes: None,
+                io_read_bytes_per_s: Some(1.5),
+                io_written_bytes_per_s: None,
+            }]),
+            pressure: Some(Pressure {
+                cpu: Some(Stall {
+                    some_avg10: 1.5,
+                    some_avg60: 0.5,
+                    full_avg10: None,
+                    full_avg60: None,
+                }),
+                memory: None,
+                io: Some(Stall {
+                    some_avg10: 2.0,
+                    some_avg60: 1.0,
+                    full_avg10: Some(1.0),
+                    full_avg60: Some(0.25),
+                }),
             }),
         };
         let traffic_json = json!({
@@ -251,7 +387,9 @@ mod tests {
                     "mount": "/", "device": "/dev/vda", "fs": "ext4",
                     "total_bytes": 100, "available_bytes": 25, "used_pct": 75.0,
                     "read_bytes": 4096, "written_bytes": null,
-                    "read_bytes_per_s": 409.6, "written_bytes_per_s": null
+                    "read_bytes_per_s": 409.6, "written_bytes_per_s": null,
+                    "inodes_total": 1000, "inodes_used": 250, "inodes_used_pct": 25.0,
+                    "reads_per_s": 12.5, "writes_per_s": null, "busy_pct": 3.2
                 }],
                 "network": {
                     "interfaces": [eth0, {"name": "wg0"}],
@@ -260,7 +398,27 @@ mod tests {
                 "load": {"1m": 0.5, "5m": 0.25, "15m": 0.125},
                 "uptime_s": 3600,
                 "processes": 123,
-                "self": {"cpu_pct": 0.7, "rss_bytes": 9000000}
+                "self": {"cpu_pct": 0.7, "rss_bytes": 9000000},
+                "top_processes": {
+                    "by_cpu": [{
+                        "pid": 42, "name": "postgres", "user": "postgres", "cpu_pct": 97.5,
+                        "rss_bytes": 1048576, "cmdline": "postgres: checkpointer"
+                    }],
+                    "by_memory": [{
+                        "pid": 7, "name": "java", "user": "1000", "cpu_pct": 0.5,
+                        "rss_bytes": 1073741824
+                    }]
+                },
+                "containers": [{
+                    "id": "0123456789ab", "name": "shop-web-1", "runtime": "docker",
+                    "compose_project": "shop", "compose_service": "web", "cpu_pct": 12.5,
+                    "memory_used_bytes": 5000, "memory_limit_bytes": null,
+                    "io_read_bytes_per_s": 1.5, "io_written_bytes_per_s": null
+                }],
+                "pressure": {
+                    "cpu": {"some_avg10": 1.5, "some_avg60": 0.5, "full_avg10": null, "full_avg60": null},
+                    "io": {"some_avg10": 2.0, "some_avg60": 1.0, "full_avg10": 1.0, "full_avg60": 0.25}
+                }
             })
         );
     }
@@ -279,6 +437,9 @@ mod tests {
             uptime_s: Some(5),
             processes: None,
             own: None,
+            top_processes: None,
+            containers: None,
+            pressure: None,
         };
         assert_eq!(
             serde_json::to_value(&sample).unwrap(),

@@ -12,7 +12,9 @@ use sysinfo::{
 };
 use wildmatch::WildMatch;
 
-use super::disks::{self, Probe, Prober};
+use super::containers::ContainerTable;
+use super::disks::{self, IoCounters, Probe, Prober};
+use super::processes::ProcessTable;
 use super::sample::{
     Cpu, Disk, Interface, Load, Memory, Network, OwnProcess, SHAPE_VERSION, Sample, Traffic,
     UnavailableDisk, round2,
@@ -50,7 +52,7 @@ impl Filters {
 /// Cumulative counters from the previous sample.
 #[derive(Debug, Default)]
 struct Previous {
-    disks: HashMap<(String, String), (u64, u64)>,
+    disks: HashMap<(String, String), IoCounters>,
     interfaces: HashMap<String, [u64; 6]>,
     own_cpu_ms: Option<u64>,
 }
@@ -72,6 +74,11 @@ pub struct Sampler {
     /// When the CPU frequency was last read: without cpufreq (most VMs) sysinfo reads
     /// `/proc/cpuinfo`, which makes the kernel ask every core; the value barely moves.
     frequency_read_at: Option<Instant>,
+    /// Kept between samples for CPU over the interval; only when collected.
+    processes: Option<ProcessTable>,
+    containers: Option<ContainerTable>,
+    top_n: usize,
+    process_cmdline: bool,
 }
 
 /// How often the CPU frequency is read again (samples between repeat the last value).
@@ -101,11 +108,21 @@ impl Sampler {
         host_root: Option<&std::path::Path>,
     ) -> Result<Self, SamplerError> {
         let system = System::new().map_err(|e| SamplerError(e.to_string()))?;
+        let root = host_root.map_or_else(|| PathBuf::from("/"), PathBuf::from);
+        let collect: BTreeSet<Collect> = config.collect.iter().copied().collect();
         let mut me = Self {
-            collect: config.collect.iter().copied().collect(),
+            processes: collect
+                .contains(&Collect::TopProcesses)
+                .then(|| ProcessTable::new(&root)),
+            containers: collect
+                .contains(&Collect::Containers)
+                .then(|| ContainerTable::new(&root)),
+            top_n: *config.top_n.get_ref() as usize,
+            process_cmdline: config.process_cmdline,
+            collect,
             filters: Filters::new(config),
             system,
-            root: host_root.map_or_else(|| PathBuf::from("/"), PathBuf::from),
+            root,
             host_pid: if host_root.is_some() { "1" } else { "self" },
             prober: Prober::new(disks::statvfs, disks::STAT_TIMEOUT),
             pid: sysinfo::get_current_pid().ok(),
@@ -258,14 +275,15 @@ impl Sampler {
                 };
                 let io = disks::io_of(&m, &stats, &self.root).unwrap_or_default();
                 let key = (m.mount_point.clone(), m.source.clone());
-                let now_counts = (io.read_bytes, io.written_bytes);
-                let delta = self.previous.disks.get(&key).map(|&(r, w)| {
-                    (
-                        counter_delta(r, now_counts.0),
-                        counter_delta(w, now_counts.1),
-                    )
+                let delta = self.previous.disks.get(&key).map(|p| IoCounters {
+                    reads: counter_delta(p.reads, io.reads),
+                    read_bytes: counter_delta(p.read_bytes, io.read_bytes),
+                    writes: counter_delta(p.writes, io.writes),
+                    written_bytes: counter_delta(p.written_bytes, io.written_bytes),
+                    busy_ms: counter_delta(p.busy_ms, io.busy_ms),
                 });
-                seen.insert(key, now_counts);
+                seen.insert(key, io);
+                let inodes_used = space.inodes.saturating_sub(space.inodes_free);
                 out.push(Disk {
                     mount: m.mount_point,
                     device: m.source,
@@ -276,10 +294,18 @@ impl Sampler {
                         space.total_bytes.saturating_sub(space.available_bytes),
                         space.total_bytes,
                     ),
-                    read_bytes: delta.map(|d| d.0),
-                    written_bytes: delta.map(|d| d.1),
-                    read_bytes_per_s: delta.map(|d| per_s(d.0)),
-                    written_bytes_per_s: delta.map(|d| per_s(d.1)),
+                    read_bytes: delta.map(|d| d.read_bytes),
+                    written_bytes: delta.map(|d| d.written_bytes),
+                    read_bytes_per_s: delta.map(|d| per_s(d.read_bytes)),
+                    written_bytes_per_s: delta.map(|d| per_s(d.written_bytes)),
+                    inodes_total: (space.inodes > 0).then_some(space.inodes),
+                    inodes_used: (space.inodes > 0).then_some(inodes_used),
+                    inodes_used_pct: (space.inodes > 0).then(|| pct(inodes_used, space.inodes)),
+                    reads_per_s: delta.map(|d| per_s(d.reads)),
+                    writes_per_s: delta.map(|d| per_s(d.writes)),
+                    busy_pct: delta.map(|d| {
+                        round2((d.busy_ms as f64 / (elapsed * 1000.0) * 100.0).clamp(0.0, 100.0))
+                    }),
                 });
             }
             self.previous.disks = seen;
@@ -366,6 +392,16 @@ impl Sampler {
             .wants(Collect::Own)
             .then(|| self.own_process(elapsed))
             .flatten();
+        let (top_n, cmdline) = (self.top_n, self.process_cmdline);
+        let top_processes = self
+            .processes
+            .as_mut()
+            .map(|t| t.top(top_n, elapsed, cmdline));
+        let containers = self.containers.as_mut().map(|t| t.sample(elapsed));
+        let pressure = self
+            .wants(Collect::Pressure)
+            .then(|| super::pressure::read(&self.root))
+            .flatten();
 
         Sample {
             v: SHAPE_VERSION,
@@ -380,6 +416,9 @@ impl Sampler {
             uptime_s,
             processes,
             own,
+            top_processes,
+            containers,
+            pressure,
         }
     }
 

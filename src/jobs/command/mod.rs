@@ -10,6 +10,13 @@
 //!   backgrounded child) is killed and reaped, so the run ends with it: no orphan, no
 //!   zombie, no pipe held open;
 //! - a cancelled run (timeout, replacement, shutdown) kills the whole process group.
+//!
+//! What the run used (CPU, peak memory, I/O of its whole process tree) is measured by
+//! the kernel (`resources`) and recorded with the run.
+
+mod resources;
+
+pub use resources::{Meter, Place, place as cgroup_place};
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
@@ -22,8 +29,8 @@ use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use serde::Deserialize;
+use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 use tokio::io::{AsyncRead, AsyncReadExt as _};
-use tokio::process::Command;
 use toml::Spanned;
 
 use super::{Deps, Job, JobError, Kind, RunContext, RunOutcome};
@@ -48,10 +55,9 @@ pub const KIND: Kind = Kind {
 fn build(spec: &JobSpec, deps: &Deps) -> Result<std::sync::Arc<dyn Job>, JobError> {
     let c: &CommandConfig = super::settings(spec)?;
     let base_env = deps.env.for_programs(*c.inherit_env.get_ref());
-    Ok(std::sync::Arc::new(CommandJob::with_env(
-        c.clone(),
-        base_env,
-    )))
+    let mut job = CommandJob::with_env(c.clone(), base_env);
+    job.cgroups = deps.run_cgroups;
+    Ok(std::sync::Arc::new(job))
 }
 
 /// ```toml
@@ -153,6 +159,8 @@ pub struct CommandJob {
     config: CommandConfig,
     /// The part of vigil's environment the program gets.
     base_env: Vec<(String, String)>,
+    /// Whether each run may get a cgroup of its own (see `resources`).
+    cgroups: bool,
 }
 
 impl CommandJob {
@@ -164,7 +172,40 @@ impl CommandJob {
 
     /// A job whose program also gets `base_env` (see `Environment::for_programs`).
     pub fn with_env(config: CommandConfig, base_env: Vec<(String, String)>) -> Self {
-        Self { config, base_env }
+        Self {
+            config,
+            base_env,
+            cgroups: false,
+        }
+    }
+
+    /// Measures each run in a cgroup of its own where the machine allows (`true`), or
+    /// by its process tree.
+    pub fn with_run_cgroups(mut self, cgroups: bool) -> Self {
+        self.cgroups = cgroups;
+        self
+    }
+}
+
+/// Waits for `pid` and reaps it, with what the kernel says it and the children it
+/// waited for used. Blocking: run on a blocking thread.
+fn wait_for(pid: i32) -> std::io::Result<(std::process::ExitStatus, resources::Usage)> {
+    loop {
+        let mut status = 0;
+        // SAFETY: a zeroed rusage is a valid value for wait4 to fill in.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: wait4 writes only into the two locals it is given.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if r == pid {
+            return Ok((
+                std::process::ExitStatus::from_raw(status),
+                resources::Usage::from_rusage(&usage),
+            ));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 
@@ -318,7 +359,18 @@ impl Job for CommandJob {
         let (program, args) = argv
             .split_first()
             .ok_or_else(|| JobError::Failed("empty command".into()))?;
-        let mut cmd = Command::new(program);
+        let mut meter = Meter::prepare(
+            if self.cgroups {
+                resources::place()
+            } else {
+                None
+            },
+            ctx.run_id,
+            ctx.resources.clone(),
+        );
+        // std's Command, not tokio's: vigil reaps the program itself (wait4), for the
+        // kernel's account of what it used; tokio's reaper would take it first.
+        let mut cmd = std::process::Command::new(program);
         // Least privilege: none of vigil's own environment (its secrets) unless the job
         // asks for it; then the job's own variables, then the run's.
         cmd.args(args)
@@ -335,10 +387,25 @@ impl Job for CommandJob {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
+            .process_group(0);
         if let Some(dir) = &c.workdir {
             cmd.current_dir(dir);
+        }
+        let fds = meter.procs_fds();
+        if !fds.is_empty() {
+            // SAFETY: between fork and exec the closure only calls write(2), which is
+            // async-signal-safe, on descriptors opened before the fork; it allocates
+            // nothing. Writing "0" moves the calling process (the child) into the run's
+            // cgroup, so everything it starts is counted there. A failed write leaves
+            // the program outside it; the process tree's account still stands.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for fd in &fds {
+                        libc::write(*fd, b"0".as_ptr().cast(), 1);
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = cmd.spawn().map_err(|e| {
             let message = format!("cannot start {program:?}: {e}");
@@ -351,14 +418,27 @@ impl Job for CommandJob {
                 _ => JobError::Failed(message),
             }
         })?;
-        let pgid = child
-            .id()
-            .and_then(|id| i32::try_from(id).ok())
-            .map(Pid::from_raw);
-        let mut guard = GroupGuard { pgid };
+        let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
+        let pgid = Pid::from_raw(pid);
+        // Reaps the program even if this run is dropped (its group is killed then).
+        let mut waiter = tokio::task::spawn_blocking(move || wait_for(pid));
+        let mut guard = GroupGuard { pgid: Some(pgid) };
+        meter.started(pid);
+        let stdin = child
+            .stdin
+            .take()
+            .and_then(|p| tokio::process::ChildStdin::from_std(p).ok());
+        let stdout = child
+            .stdout
+            .take()
+            .and_then(|p| tokio::process::ChildStdout::from_std(p).ok());
+        let stderr = child
+            .stderr
+            .take()
+            .and_then(|p| tokio::process::ChildStderr::from_std(p).ok());
         // The input on stdin, then end of file; a program that never reads it is not
         // waited for (the write stops with the pipe).
-        if let (Some(mut stdin), Some(input)) = (child.stdin.take(), ctx.input.clone()) {
+        if let (Some(mut stdin), Some(input)) = (stdin, ctx.input.clone()) {
             let body = serde_json::to_vec(&*input).unwrap_or_default();
             tokio::spawn(async move {
                 use tokio::io::AsyncWriteExt as _;
@@ -373,8 +453,6 @@ impl Job for CommandJob {
         } else {
             0
         };
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
         let pumps = async {
             let out = async {
                 match stdout {
@@ -392,16 +470,19 @@ impl Job for CommandJob {
         };
         tokio::pin!(pumps);
         // Drain the pipes while waiting for the program, so it never blocks on them.
-        let (status, pumped) = tokio::select! {
-            status = child.wait() => (status, None),
-            pumped = &mut pumps => (child.wait().await, Some(pumped)),
+        let (waited, pumped) = tokio::select! {
+            waited = &mut waiter => (waited, None),
+            pumped = &mut pumps => ((&mut waiter).await, Some(pumped)),
         };
-        let status =
-            status.map_err(|e| JobError::Failed(format!("waiting for {program:?}: {e}")))?;
+        let (status, usage) = waited
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|w| w)
+            .map_err(|e| JobError::Failed(format!("waiting for {program:?}: {e}")))?;
         // The program is gone: so is anything it left behind in its group.
         if let Some(pgid) = guard.pgid.take() {
             end_group(pgid).await;
         }
+        meter.finish(Some(usage));
         let (out, err) = match pumped {
             Some(p) => p,
             None => match tokio::time::timeout(OUTPUT_GRACE, &mut pumps).await {

@@ -1,0 +1,321 @@
+//! The heaviest processes of the host, by CPU and by resident memory, read from
+//! `/proc/<pid>/stat` under the sampler's root (the host's `/proc` through a host root).
+//!
+//! One file per process a sample (no status, no cmdline unless asked): the owner and
+//! the command line are read only for the processes that make the list. CPU is the
+//! time a process used since the previous sample; a process that started since then
+//! used all of its time within the interval.
+
+use std::collections::HashMap;
+use std::io::Read as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use procfs_core::FromRead as _;
+use procfs_core::process::Stat;
+
+use super::sample::{ProcessUse, TopProcesses, round2};
+
+/// Most of a command line kept: enough to tell processes apart, bounded.
+pub const MAX_CMDLINE_BYTES: usize = 4096;
+/// How often `/etc/passwd` is read again for a uid it did not name.
+const USERS_EVERY: Duration = Duration::from_secs(60);
+
+/// What is known of one process between samples.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    /// Its start (in ticks since boot): a reused pid is another process.
+    started: u64,
+    ticks: u64,
+}
+
+/// One process read this time.
+struct Read {
+    pid: i32,
+    name: String,
+    cpu_pct: f64,
+    rss_bytes: u64,
+}
+
+pub struct ProcessTable {
+    proc_dir: PathBuf,
+    passwd: PathBuf,
+    users: HashMap<u32, String>,
+    users_read_at: Option<Instant>,
+    previous: HashMap<i32, Seen>,
+    /// Whether `previous` holds a whole table (the first read has no interval).
+    baseline: bool,
+    ticks_per_s: f64,
+    page_size: u64,
+    buf: Vec<u8>,
+}
+
+impl ProcessTable {
+    /// The processes under `root` (`/` natively, the host's root in a container).
+    pub fn new(root: &Path) -> Self {
+        let sysconf = |v| {
+            nix::unistd::sysconf(v)
+                .ok()
+                .flatten()
+                .and_then(|n| u64::try_from(n).ok())
+                .filter(|&n| n > 0)
+        };
+        Self {
+            proc_dir: root.join("proc"),
+            passwd: root.join("etc/passwd"),
+            users: HashMap::new(),
+            users_read_at: None,
+            previous: HashMap::new(),
+            baseline: false,
+            ticks_per_s: sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap_or(100) as f64,
+            page_size: sysconf(nix::unistd::SysconfVar::PAGE_SIZE).unwrap_or(4096),
+            buf: Vec::with_capacity(1024),
+        }
+    }
+
+    /// Reads every process; the `n` heaviest by CPU over the last `elapsed` seconds
+    /// and the `n` heaviest by resident memory, with command lines when `cmdline`.
+    pub fn top(&mut self, n: usize, elapsed: f64, cmdline: bool) -> TopProcesses {
+        let mut now: HashMap<i32, Seen> = HashMap::with_capacity(self.previous.len() + 16);
+        let mut all: Vec<Read> = Vec::with_capacity(self.previous.len() + 16);
+        let entries = match std::fs::read_dir(&self.proc_dir) {
+            Ok(e) => e,
+            Err(_) => {
+                return TopProcesses {
+                    by_cpu: Vec::new(),
+                    by_memory: Vec::new(),
+                };
+            }
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // Gone since the listing, or not ours to read: left out.
+            let Some(stat) = self.read_stat(pid) else {
+                continue;
+            };
+            let ticks = stat.utime.saturating_add(stat.stime);
+            let used = match self.previous.get(&pid) {
+                Some(p) if p.started == stat.starttime => ticks.saturating_sub(p.ticks),
+                _ if self.baseline => ticks,
+                _ => 0,
+            };
+            now.insert(
+                pid,
+                Seen {
+                    started: stat.starttime,
+                    ticks,
+                },
+            );
+            all.push(Read {
+                pid,
+                name: stat.comm,
+                cpu_pct: if elapsed > 0.0 {
+                    round2(used as f64 / self.ticks_per_s / elapsed * 100.0)
+                } else {
+                    0.0
+                },
+                rss_bytes: stat.rss.saturating_mul(self.page_size),
+            });
+        }
+        self.previous = now;
+        self.baseline = true;
+
+        let mut by_cpu: Vec<&Read> = all.iter().collect();
+        by_cpu.sort_by(|a, b| {
+            b.cpu_pct
+                .total_cmp(&a.cpu_pct)
+                .then(b.rss_bytes.cmp(&a.rss_bytes))
+                .then(a.pid.cmp(&b.pid))
+        });
+        by_cpu.truncate(n);
+        let mut by_memory: Vec<&Read> = all.iter().collect();
+        by_memory.sort_by(|a, b| {
+            b.rss_bytes
+                .cmp(&a.rss_bytes)
+                .then(b.cpu_pct.total_cmp(&a.cpu_pct))
+                .then(a.pid.cmp(&b.pid))
+        });
+        by_memory.truncate(n);
+        TopProcesses {
+            by_cpu: by_cpu
+                .into_iter()
+                .map(|r| self.describe(r, cmdline))
+                .collect(),
+            by_memory: by_memory
+                .into_iter()
+                .map(|r| self.describe(r, cmdline))
+                .collect(),
+        }
+    }
+
+    fn read_stat(&mut self, pid: i32) -> Option<Stat> {
+        let path = self.proc_dir.join(pid.to_string()).join("stat");
+        self.buf.clear();
+        std::fs::File::open(path)
+            .and_then(|mut f| f.read_to_end(&mut self.buf))
+            .ok()?;
+        Stat::from_read(self.buf.as_slice()).ok()
+    }
+
+    fn describe(&mut self, r: &Read, cmdline: bool) -> ProcessUse {
+        let dir = self.proc_dir.join(r.pid.to_string());
+        let user = match std::fs::metadata(&dir).map(|m| m.uid()) {
+            Ok(uid) => self.user(uid),
+            Err(_) => "?".to_owned(),
+        };
+        ProcessUse {
+            pid: r.pid,
+            name: r.name.clone(),
+            user,
+            cpu_pct: r.cpu_pct,
+            rss_bytes: r.rss_bytes,
+            cmdline: cmdline.then(|| read_cmdline(&dir, &r.name)),
+        }
+    }
+
+    /// The name `/etc/passwd` (the host's, under a host root) gives `uid`, else the uid.
+    fn user(&mut self, uid: u32) -> String {
+        if !self.users.contains_key(&uid)
+            && self
+                .users_read_at
+                .is_none_or(|t| t.elapsed() >= USERS_EVERY)
+        {
+            self.users = std::fs::read_to_string(&self.passwd)
+                .map(|t| parse_passwd(&t))
+                .unwrap_or_default();
+            self.users_read_at = Some(Instant::now());
+        }
+        self.users
+            .get(&uid)
+            .cloned()
+            .unwrap_or_else(|| uid.to_string())
+    }
+}
+
+/// `/etc/passwd`: uid to name.
+pub fn parse_passwd(text: &str) -> HashMap<u32, String> {
+    text.lines()
+        .filter_map(|line| {
+            let mut f = line.split(':');
+            let name = f.next()?;
+            let uid = f.nth(1)?.parse().ok()?;
+            (!name.is_empty() && !name.starts_with('#')).then(|| (uid, name.to_owned()))
+        })
+        .collect()
+}
+
+/// The command line, arguments joined by spaces, cut at [`MAX_CMDLINE_BYTES`]; a
+/// kernel thread (no command line) is shown as `[name]`, as `ps` does. Secrets vigil
+/// knows of are redacted; others are the reason this is off by default.
+fn read_cmdline(dir: &Path, name: &str) -> String {
+    let mut bytes = Vec::new();
+    let read = std::fs::File::open(dir.join("cmdline"))
+        .and_then(|f| f.take(MAX_CMDLINE_BYTES as u64 + 1).read_to_end(&mut bytes));
+    if read.is_err() || bytes.is_empty() {
+        return format!("[{name}]");
+    }
+    let cut = bytes.len() > MAX_CMDLINE_BYTES;
+    bytes.truncate(MAX_CMDLINE_BYTES);
+    while bytes.last() == Some(&0) {
+        bytes.pop();
+    }
+    for b in &mut bytes {
+        if *b == 0 {
+            *b = b' ';
+        }
+    }
+    let mut text = String::from_utf8_lossy(&bytes).into_owned();
+    if cut {
+        text.push('…');
+    }
+    crate::config::redact(&text).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat_line(pid: i32, comm: &str, utime: u64, starttime: u64, rss_pages: u64) -> String {
+        format!(
+            "{pid} ({comm}) S 1 {pid} {pid} 0 -1 4194560 100 0 0 0 {utime} 0 0 0 20 0 1 0 \
+             {starttime} 10000000 {rss_pages} 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 \
+             17 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n"
+        )
+    }
+
+    fn put(root: &Path, pid: i32, comm: &str, utime: u64, start: u64, rss: u64) {
+        let dir = root.join("proc").join(pid.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("stat"), stat_line(pid, comm, utime, start, rss)).unwrap();
+        std::fs::write(dir.join("cmdline"), format!("{comm}\0--flag\0value\0")).unwrap();
+    }
+
+    #[test]
+    fn cpu_is_the_time_used_since_the_previous_sample_and_memory_is_resident_pages() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::fs::write(
+            root.path().join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\n",
+        )
+        .unwrap();
+        put(root.path(), 10, "idle one", 500, 1, 1000);
+        put(root.path(), 20, "busy (x)", 100, 2, 10);
+        let mut t = ProcessTable::new(root.path());
+        t.ticks_per_s = 100.0;
+        t.page_size = 4096;
+        let first = t.top(5, 1.0, false);
+        assert!(
+            first.by_cpu.iter().all(|p| p.cpu_pct == 0.0),
+            "no interval yet"
+        );
+
+        // One second later: pid 20 used 0.5 s, pid 10 nothing; pid 30 is new and used
+        // 0.2 s since it started.
+        put(root.path(), 10, "idle one", 500, 1, 1000);
+        put(root.path(), 20, "busy (x)", 150, 2, 10);
+        put(root.path(), 30, "new", 20, 9, 5);
+        let top = t.top(2, 1.0, false);
+        let cpu: Vec<(i32, f64)> = top.by_cpu.iter().map(|p| (p.pid, p.cpu_pct)).collect();
+        assert_eq!(cpu, [(20, 50.0), (30, 20.0)]);
+        assert_eq!(
+            top.by_cpu[0].name, "busy (x)",
+            "a name with spaces and parentheses"
+        );
+        let mem: Vec<(i32, u64)> = top.by_memory.iter().map(|p| (p.pid, p.rss_bytes)).collect();
+        assert_eq!(mem, [(10, 4_096_000), (20, 40_960)]);
+        assert!(top.by_cpu.iter().all(|p| p.cmdline.is_none()));
+        // This test runs as some user: named from the fake passwd when root, else the uid.
+        let me = nix::unistd::getuid().as_raw();
+        let expected = if me == 0 {
+            "root".to_owned()
+        } else {
+            me.to_string()
+        };
+        assert_eq!(top.by_cpu[0].user, expected);
+
+        put(root.path(), 40, "x", 0, 3, 1);
+        let with = t.top(1, 1.0, true);
+        assert_eq!(
+            with.by_memory[0].cmdline.as_deref(),
+            Some("idle one --flag value")
+        );
+    }
+
+    #[test]
+    fn passwd_names_uids() {
+        let users = parse_passwd(
+            "root:x:0:0::/root:/bin/sh\nvigil:x:999:999::/:/usr/sbin/nologin\nbroken\n",
+        );
+        assert_eq!(users.get(&0).map(String::as_str), Some("root"));
+        assert_eq!(users.get(&999).map(String::as_str), Some("vigil"));
+        assert_eq!(users.len(), 2);
+    }
+}
