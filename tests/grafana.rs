@@ -103,6 +103,7 @@ fn every_dashboard_parses_has_a_stable_uid_and_uses_provisioned_datasources() {
     assert_eq!(
         names,
         [
+            "containers.json",
             "host-metrics.json",
             "jobs.json",
             "logs.json",
@@ -170,9 +171,34 @@ fn the_required_panels_exist() {
             .map(|p| p["title"].as_str().unwrap().to_owned())
             .collect()
     };
-    for t in ["CPU %", "Memory %", "Network", "Disk used % by mount"] {
+    for t in [
+        "CPU %",
+        "Memory %",
+        "Network",
+        "Disk used % by mount",
+        "Top processes by CPU",
+        "Processes at the end of the range",
+        "Pressure (some, avg10)",
+        "Disk operations and busy time",
+    ] {
         assert!(titles("vigil-host-metrics").contains(&t.to_owned()), "{t}");
     }
+    for t in [
+        "Container CPU %",
+        "Container memory",
+        "Container I/O",
+        "Heaviest containers now",
+    ] {
+        assert!(titles("vigil-containers").contains(&t.to_owned()), "{t}");
+    }
+    // Job runs marked on the host's graphs.
+    let annotations = all["vigil-host-metrics"]["annotations"]["list"]
+        .as_array()
+        .unwrap();
+    assert!(
+        annotations.iter().any(|a| a["name"] == "Job runs"),
+        "{annotations:?}"
+    );
     for t in [
         "Runs by status",
         "Duration p50 and p95",
@@ -180,6 +206,8 @@ fn the_required_panels_exist() {
         "Failures",
         "Logs of the selected jobs (and run)",
         "Health",
+        "Resources per run",
+        "Heaviest runs",
     ] {
         assert!(titles("vigil-jobs").contains(&t.to_owned()), "{t}");
     }
@@ -249,13 +277,25 @@ fn expand(sql: &str, from: DateTime<Utc>, to: DateTime<Utc>, interval_ms: i64) -
         .replace("$__interval", &format!("{}ms", interval_ms))
         // Single-value variables are inserted raw, multi-value ones quoted and joined.
         .replace("$host", "host-a")
-        .replace("$job", "'host-metrics','reading-sync','prune'")
+        .replace("$job", "'host-metrics','reading-sync','prune','backup'")
 }
 
 async fn seed(db: &TestDb) {
     // Real samples of this machine, for two hosts, over the last two hours.
     let mut sampler = Sampler::new(&SystemMetricsConfig::default()).unwrap();
-    let sample = serde_json::to_string(&sampler.sample()).unwrap();
+    let mut sample = serde_json::to_value(sampler.sample()).unwrap();
+    // Containers as a Docker host's samples hold them (this machine may run none).
+    sample["containers"] = serde_json::json!([
+        {"id": "0123456789ab", "name": "shop-web-1", "runtime": "docker",
+         "compose_project": "shop", "compose_service": "web", "cpu_pct": 35.5,
+         "memory_used_bytes": 104857600, "memory_limit_bytes": 536870912,
+         "io_read_bytes_per_s": 1024.0, "io_written_bytes_per_s": 2048.0},
+        {"id": "ba9876543210", "name": "shop-db-1", "runtime": "docker",
+         "compose_project": "shop", "compose_service": "db", "cpu_pct": 4.0,
+         "memory_used_bytes": 209715200, "memory_limit_bytes": null,
+         "io_read_bytes_per_s": 0.0, "io_written_bytes_per_s": 4096.0}
+    ]);
+    let sample = sample.to_string();
     let now = Utc::now();
     for host in ["host-a", "host-b"] {
         let rows: Vec<(DateTime<Utc>, &str)> = (0..720)
@@ -280,6 +320,7 @@ async fn seed(db: &TestDb) {
             Some("timed out after 1s"),
         ),
         ("prune", "retention", RunStatus::Skipped, Some("overlap")),
+        ("backup", "command", RunStatus::Succeeded, None),
     ]
     .into_iter()
     .enumerate()
@@ -304,7 +345,14 @@ async fn seed(db: &TestDb) {
                 retry_after_ms: None,
                 input: None,
                 output: None,
-                resources: None,
+                resources: (kind == "command").then(|| vigil::store::RunResources {
+                    cpu_user_s: 1.5 + k as f64,
+                    cpu_system_s: 0.25,
+                    peak_rss_bytes: 200 << 20,
+                    read_bytes: 4096,
+                    written_bytes: 1 << 20,
+                    measured_by: vigil::store::MeasuredBy::Cgroup,
+                }),
             });
         }
     }
@@ -413,6 +461,32 @@ async fn every_sql_query_runs_on_the_schema_and_returns_what_its_panel_needs() {
         }
     }
     assert!(checked >= 30, "{checked} query runs");
+
+    // Annotations: Grafana reads time, timeend, text and tags.
+    let mut annotations = 0;
+    for (name, d) in dashboards() {
+        for a in d["annotations"]["list"].as_array().unwrap() {
+            let Some(raw) = a["target"]["rawSql"].as_str() else {
+                continue;
+            };
+            assert_eq!(a["datasource"]["uid"], "vigil-postgres", "{name}");
+            let sql = expand(raw, from, to, 10_000);
+            let rows = sqlx::query(&sql)
+                .fetch_all(db.pool())
+                .await
+                .unwrap_or_else(|e| panic!("{name} / {}: {e}\n{sql}", a["name"]));
+            assert!(!rows.is_empty(), "{name} / {}: no rows\n{sql}", a["name"]);
+            let columns: Vec<&str> = rows[0].columns().iter().map(|c| c.name()).collect();
+            assert_eq!(columns, ["time", "timeend", "text", "tags"], "{name}");
+            let text: String = rows[0].get("text");
+            assert!(
+                !text.starts_with("host-metrics"),
+                "host samples are not marked"
+            );
+            annotations += 1;
+        }
+    }
+    assert_eq!(annotations, 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
