@@ -1,5 +1,6 @@
 //! Start-up and shutdown: turns a validated [`Config`] into a running vigil.
 
+mod memory;
 pub mod reload;
 mod table;
 
@@ -229,6 +230,7 @@ impl App {
             reload_stop.clone(),
         ));
         tokio::spawn(keep_partitions(store.clone(), reload_stop.clone()));
+        tokio::spawn(release_start_up_code(reload_stop.clone()));
         scheduler.start().await?;
         reloader.spawn_triggers(config.settings.watch_config, reload_stop.clone());
         let state = gateway::State {
@@ -323,6 +325,19 @@ impl App {
 /// How often the time partitions ahead are looked after (a week of days is kept
 /// ready, so an hour is far inside it).
 const PARTITIONS_EVERY: Duration = Duration::from_secs(3600);
+
+/// Once start-up is over, lets the kernel take back the code only it needed.
+async fn release_start_up_code(stop: CancellationToken) {
+    tokio::select! {
+        () = tokio::time::sleep(memory::SETTLE) => {}
+        () = stop.cancelled() => return,
+    }
+    match tokio::task::spawn_blocking(memory::release_start_up_code).await {
+        Ok(Ok(bytes)) => tracing::debug!(bytes, "start-up code released"),
+        Ok(Err(e)) => tracing::debug!(error = %e, "start-up code not released"),
+        Err(_) => {}
+    }
+}
 
 async fn keep_partitions(store: Store, stop: CancellationToken) {
     loop {

@@ -93,6 +93,23 @@ pub enum Collect {
 }
 
 impl Collect {
+    /// The section's name in `collect`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Collect::Cpu => "cpu",
+            Collect::Memory => "memory",
+            Collect::Disk => "disk",
+            Collect::Network => "network",
+            Collect::Load => "load",
+            Collect::Uptime => "uptime",
+            Collect::Processes => "processes",
+            Collect::Own => "self",
+            Collect::TopProcesses => "top_processes",
+            Collect::Containers => "containers",
+            Collect::Pressure => "pressure",
+        }
+    }
+
     pub const ALL: [Collect; 11] = [
         Collect::Cpu,
         Collect::Memory,
