@@ -46,7 +46,12 @@ enum Command {
     Migrate,
     /// Take one host sample, as a system_metrics job with default settings records it
     /// (through $VIGIL_HOST_ROOT when set), and print it as JSON.
-    Sample,
+    Sample {
+        /// What CPU use and rates are measured over (e.g. 2s); default: the shortest
+        /// interval that gives meaningful CPU figures.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        interval: Option<std::time::Duration>,
+    },
     /// Insert demo readings, marked pending, into MongoDB ($MONGO_URI), for the sync.
     DemoReadings {
         /// How many.
@@ -86,7 +91,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     // (one that exists still lends its `[runner]` table, and must be valid).
     if matches!(
         command,
-        Command::Migrate | Command::DemoReadings { .. } | Command::Sample
+        Command::Migrate | Command::DemoReadings { .. } | Command::Sample { .. }
     ) {
         let settings = if path.exists() {
             match config::load(&path, &env, &jobs::Registry::builtin()) {
@@ -136,11 +141,17 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                     Ok::<_, anyhow::Error>(())
                 }
-                Command::Sample => {
+                Command::Sample { interval } => {
                     let config = jobs::system_metrics::SystemMetricsConfig::default();
                     let root = settings.host_root.as_deref();
                     let mut sampler = jobs::system_metrics::Sampler::with_root(&config, root)?;
-                    let sample = tokio::task::spawn_blocking(move || sampler.sample()).await?;
+                    let sample = tokio::task::spawn_blocking(move || {
+                        if let Some(d) = interval {
+                            std::thread::sleep(d);
+                        }
+                        sampler.sample()
+                    })
+                    .await?;
                     let host = root
                         .and_then(jobs::system_metrics::host_name)
                         .unwrap_or_else(|| settings.host.clone());
@@ -258,9 +269,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("migrations applied");
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Check | Command::Jobs | Command::DemoReadings { .. } | Command::Sample => {
-                Ok(ExitCode::SUCCESS)
-            }
+            Command::Check
+            | Command::Jobs
+            | Command::DemoReadings { .. }
+            | Command::Sample { .. } => Ok(ExitCode::SUCCESS),
         }
     });
     // Last: logs written during shutdown still reach Loki.

@@ -729,3 +729,16 @@ async fn finish(store: &Store, host: &str, queue: &SampleQueue) {
         tracing::error!(lost = left.len(), "shutting down with samples not written");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_sections_name_is_the_one_collect_takes() {
+        for c in Collect::ALL {
+            let parsed: Collect = serde_json::from_value(serde_json::json!(c.name())).unwrap();
+            assert_eq!(parsed, c);
+        }
+    }
+}
