@@ -345,7 +345,7 @@ async fn seed(db: &TestDb) {
                 retry_after_ms: None,
                 input: None,
                 output: None,
-                resources: (kind == "command").then(|| vigil::store::RunResources {
+                resources: (kind == "command").then_some(vigil::store::RunResources {
                     cpu_user_s: 1.5 + k as f64,
                     cpu_system_s: 0.25,
                     peak_rss_bytes: 200 << 20,
