@@ -17,14 +17,16 @@ case "${1:-}" in
     ;;
   restore)
     # pg_restore --clean cannot replace partitioned tables (it drops each partition's
-    # inherited key on its own, which PostgreSQL refuses). So: drop every table the
-    # dump holds (a partitioned one with its partitions), then replay the dump, all in
-    # one transaction: a failed restore leaves the database as it was.
+    # inherited key on its own, which PostgreSQL refuses). So: drop every table and
+    # function the dump holds (a partitioned table with its partitions), then replay
+    # the dump, all in one transaction: a failed restore leaves the database as it was.
     dump=$(mktemp)
     trap 'rm -f "$dump"' EXIT
     cat >"$dump"
     tables=$("${exec_prefix[@]}" pg_restore --list <"$dump" \
-      | awk '$4 == "TABLE" && $5 != "DATA" && $5 !~ /^pg_/ { printf "DROP TABLE IF EXISTS \"%s\".\"%s\" CASCADE;\n", $5, $6 }')
+      | awk '$4 == "TABLE" && $5 != "DATA" && $5 != "ATTACH" && $5 !~ /^pg_/ { printf "DROP TABLE IF EXISTS \"%s\".\"%s\" CASCADE;\n", $5, $6 }
+             $4 == "FUNCTION" { sig = $0; sub(/^.* FUNCTION [^ ]+ /, "", sig); sub(/\) [^)]*$/, ")", sig)
+                                printf "DROP FUNCTION IF EXISTS \"%s\".%s CASCADE;\n", $5, sig }')
     {
       printf '%s\n' "$tables"
       "${exec_prefix[@]}" pg_restore --no-owner --no-privileges --file=- <"$dump"
