@@ -163,6 +163,22 @@ async fn lock_job(
     Ok(())
 }
 
+/// `job_health` follows a run's outcome, under the job's lock (`vigil_record_outcome`);
+/// `true` when open incidents wait for this success to resolve them.
+async fn record_health<'e>(
+    e: impl sqlx::PgExecutor<'e>,
+    o: &FinalOutcome<'_>,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT vigil_record_outcome($1, $2, $3, $4, $5)")
+        .bind(o.job)
+        .bind(o.scope_key)
+        .bind(o.run_id)
+        .bind(o.status.as_str())
+        .bind(o.finished_at)
+        .fetch_one(e)
+        .await
+}
+
 impl Store {
     /// Records a run's final outcome in `job_health`; after a success, resolves the
     /// job's open incidents (in this scope) and queues their `resolved` deliveries,
@@ -175,45 +191,16 @@ impl Store {
     ) -> Result<Vec<Incident>, StoreError> {
         // One round trip when nothing is open to resolve (vigil_record_outcome takes
         // the job's lock, as the transaction below does).
-        let fast = async {
-            let to_resolve: bool =
-                sqlx::query_scalar("SELECT vigil_record_outcome($1, $2, $3, $4, $5)")
-                    .bind(o.job)
-                    .bind(o.scope_key)
-                    .bind(o.run_id)
-                    .bind(o.status.as_str())
-                    .bind(o.finished_at)
-                    .fetch_one(&self.pool)
-                    .await?;
-            Ok::<_, StoreError>(to_resolve)
-        };
+        let fast = async { Ok::<_, StoreError>(record_health(&self.pool, o).await?) };
         if !self.bounded(fast).await? {
             return Ok(Vec::new());
         }
         let call = async {
             let mut tx = self.pool.begin().await?;
-            lock_job(&mut tx, o.job, o.scope_key).await?;
+            // The same record again (harmless: it only moves forward), and the job's lock
+            // held to the commit, so nothing opens unseen while incidents are resolved.
+            record_health(&mut *tx, o).await?;
             let success = o.status == RunStatus::Succeeded;
-            sqlx::query(
-                "INSERT INTO job_health AS h (job, scope_key, last_run_id, last_status,
-                     last_finished_at, last_success_at, last_success_run)
-                 VALUES ($1, $2, $3, $4, $5, CASE WHEN $6 THEN $5 END, CASE WHEN $6 THEN $3 END)
-                 ON CONFLICT (job, scope_key) DO UPDATE SET
-                     last_run_id = EXCLUDED.last_run_id,
-                     last_status = EXCLUDED.last_status,
-                     last_finished_at = EXCLUDED.last_finished_at,
-                     last_success_at = coalesce(EXCLUDED.last_success_at, h.last_success_at),
-                     last_success_run = coalesce(EXCLUDED.last_success_run, h.last_success_run)
-                 WHERE h.last_finished_at <= EXCLUDED.last_finished_at",
-            )
-            .bind(o.job)
-            .bind(o.scope_key)
-            .bind(o.run_id)
-            .bind(o.status.as_str())
-            .bind(o.finished_at)
-            .bind(success)
-            .execute(&mut *tx)
-            .await?;
             let mut out = Vec::new();
             if success {
                 let rows = sqlx::query(&format!(
