@@ -19,7 +19,9 @@ use crate::scheduler::{RunObserver, RunResult, RunningRun};
 use crate::store::Store;
 use crate::telemetry::metrics::Metrics;
 
-const POLL_EVERY: Duration = Duration::from_secs(1);
+/// Idle poll: callbacks this replica marks due, and its retries, wake the deliverer at
+/// their time; the poll finds what a stopped replica left (after its lease).
+const POLL_EVERY: Duration = super::POLL_EVERY;
 const CONCURRENCY: usize = 8;
 const LEASE: Duration = Duration::from_secs(60);
 /// How long one callback may take to answer.

@@ -35,8 +35,11 @@ use crate::telemetry::metrics::Metrics;
 
 /// How often staleness, stuck runs and the health metrics are looked at.
 pub const EVALUATE_EVERY: Duration = Duration::from_secs(1);
-/// How often the outbox is polled when nothing woke the deliverer.
-const POLL_EVERY: Duration = Duration::from_secs(1);
+/// How often the outbox is polled when nothing woke the deliverer. Deliveries this
+/// replica queues, and its retries, wake it at their time; the poll only finds those a
+/// replica that stopped left behind (their lease, at least 30 s, runs out first), so a
+/// one-second poll would be a statement a second for nothing.
+pub const POLL_EVERY: Duration = Duration::from_secs(15);
 /// Deliveries in flight at once on one replica.
 const DELIVERY_CONCURRENCY: usize = 8;
 /// Deliveries leased per poll.
@@ -130,7 +133,7 @@ struct Inner {
     http: reqwest::Client,
     events: mpsc::UnboundedSender<Event>,
     receiver: Mutex<Option<mpsc::UnboundedReceiver<Event>>>,
-    wake_deliverer: Notify,
+    wake_deliverer: Arc<Notify>,
     /// Per job: when staleness counts from if it never succeeded (its first firing
     /// after this vigil started, or after the job's definition changed).
     first_due: Mutex<HashMap<String, (String, DateTime<Utc>)>>,
@@ -284,7 +287,7 @@ impl Alerts {
                 http,
                 events: tx,
                 receiver: Mutex::new(Some(rx)),
-                wake_deliverer: Notify::new(),
+                wake_deliverer: Arc::new(Notify::new()),
                 first_due: Mutex::new(HashMap::new()),
                 seeded: Mutex::new(HashSet::new()),
                 snapshot: Mutex::new(None),
@@ -1051,6 +1054,20 @@ async fn deliver(inner: &Inner, p: Pending) {
     // once, never lost.
     if let Err(e) = inner.store.record_attempt(&p, &attempt).await {
         tracing::warn!(error = %e, incident = %p.incident_id, "cannot record an alert delivery");
+    }
+    // The retry is due at its time, not at the next poll after it.
+    if let Some(next) = retry_at {
+        let wait = (next - inner.scheduler.now())
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        let stop = inner.stop.clone();
+        let wake = inner.wake_deliverer.clone();
+        inner.tasks.spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(wait) => wake.notify_one(),
+                () = stop.cancelled() => {}
+            }
+        });
     }
 }
 
