@@ -40,6 +40,11 @@ pub struct Spool {
     max_bytes: u64,
     /// The next segment's number.
     next: Mutex<u64>,
+    /// Set when a look found no segment, cleared by [`Spool::append`]: this process is
+    /// the directory's only writer, so an empty spool stays empty until it appends, and
+    /// the writers that ask before every batch need not list the directory each time.
+    /// Under its lock a listing and the flag agree with a concurrent append.
+    known_empty: Mutex<bool>,
 }
 
 impl std::fmt::Debug for Spool {
@@ -62,10 +67,15 @@ impl Spool {
             dir: dir.to_path_buf(),
             max_bytes: max_bytes.max(1),
             next: Mutex::new(0),
+            known_empty: Mutex::new(false),
         };
         let last = me.segments()?.last().map_or(0, |s| s.0);
         *me.next.lock().unwrap_or_else(|p| p.into_inner()) = last + 1;
         Ok(me)
+    }
+
+    fn empty_flag(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.known_empty.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn dir(&self) -> &Path {
@@ -102,7 +112,7 @@ impl Spool {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.segments().map(|s| s.is_empty()).unwrap_or(true)
+        *self.empty_flag() || self.segments().map(|s| s.is_empty()).unwrap_or(true)
     }
 
     /// Writes `items` as one new segment, after everything already spooled. Returns
@@ -131,7 +141,11 @@ impl Spool {
             let file = w.into_inner().map_err(|e| err(&tmp)(e.into_error()))?;
             file.sync_all().map_err(err(&tmp))?;
         }
-        fs::rename(&tmp, &path).map_err(err(&path))?;
+        {
+            let mut empty = self.empty_flag();
+            fs::rename(&tmp, &path).map_err(err(&path))?;
+            *empty = false;
+        }
         self.trim()
     }
 
@@ -168,8 +182,16 @@ impl Spool {
     pub fn oldest<T: DeserializeOwned>(
         &self,
     ) -> Result<Option<(Segment, Vec<T>, u64)>, SpoolError> {
-        let Some(seg) = self.segments()?.first().copied() else {
-            return Ok(None);
+        let seg = {
+            let mut empty = self.empty_flag();
+            if *empty {
+                return Ok(None);
+            }
+            let Some(seg) = self.segments()?.first().copied() else {
+                *empty = true;
+                return Ok(None);
+            };
+            seg
         };
         let path = self.path(seg);
         let file = fs::File::open(&path).map_err(err(&path))?;
@@ -235,6 +257,41 @@ mod tests {
         }
         assert_eq!(seen, [1, 2, 3, 4, 6]);
         assert!(spool.is_empty());
+    }
+
+    #[test]
+    fn an_empty_spool_found_empty_still_sees_every_later_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = std::sync::Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
+        assert!(spool.oldest::<u32>().unwrap().is_none());
+        assert!(spool.is_empty());
+        spool.append(&[7u32]).unwrap();
+        assert!(!spool.is_empty());
+        let (seg, items, _) = spool.oldest::<u32>().unwrap().unwrap();
+        assert_eq!(items, [7]);
+        spool.remove(seg).unwrap();
+        // Appends racing the writer's looks: each one is found.
+        let writer = {
+            let spool = spool.clone();
+            std::thread::spawn(move || {
+                for i in 0..200u32 {
+                    spool.append(&[i]).unwrap();
+                }
+            })
+        };
+        let mut seen = Vec::new();
+        while seen.len() < 200 {
+            match spool.oldest::<u32>().unwrap() {
+                Some((seg, items, _)) => {
+                    seen.extend(items);
+                    spool.remove(seg).unwrap();
+                }
+                None => std::thread::yield_now(),
+            }
+        }
+        writer.join().unwrap();
+        assert_eq!(seen, (0..200).collect::<Vec<_>>());
+        assert!(spool.oldest::<u32>().unwrap().is_none());
     }
 
     #[test]
