@@ -191,8 +191,7 @@ impl Store {
     ) -> Result<Vec<Incident>, StoreError> {
         // One round trip when nothing is open to resolve (vigil_record_outcome takes
         // the job's lock, as the transaction below does).
-        let fast = async { Ok::<_, StoreError>(record_health(&self.pool, o).await?) };
-        if !self.bounded(fast).await? {
+        if !self.hot_write(async |c| record_health(c, o).await).await? {
             return Ok(Vec::new());
         }
         let call = async {

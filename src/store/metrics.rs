@@ -46,9 +46,8 @@ impl Store {
         )
         .bind(&ts)
         .bind(host)
-        .bind(&metrics)
-        .execute(&self.pool);
-        self.bounded(async { Ok(write.await?) }).await?;
+        .bind(&metrics);
+        self.hot_write(async |c| write.execute(c).await).await?;
         Ok(())
     }
 }

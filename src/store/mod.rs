@@ -14,8 +14,11 @@ pub mod sync;
 use std::str::FromStr;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions as _, PgPool};
+use sqlx::{ConnectOptions as _, PgConnection, PgPool, Postgres};
 
 use crate::config::DatabaseTarget;
 
@@ -79,6 +82,29 @@ pub struct Store {
     /// cannot set TCP keepalives on its sockets, so a server that vanished without a
     /// word would otherwise leave them waiting for an answer forever.
     call_timeout: Duration,
+    /// One connection of the pool kept out of it for the small writes every run makes
+    /// (the ledger, samples, job health): sqlx 0.8 tests a connection with a round trip
+    /// each time it goes back to the pool, which doubled the statements a one-second
+    /// job costs. `None` inside until first used or after a failure dropped it.
+    hot: Option<Arc<tokio::sync::Mutex<Option<PoolConnection<Postgres>>>>>,
+}
+
+/// Drops the hot connection unless the statement on it finished: a statement cut off
+/// (a timeout, a cancelled caller) or failing below SQL leaves the session in a state
+/// nobody knows.
+struct HotGuard<'a> {
+    slot: &'a mut Option<PoolConnection<Postgres>>,
+    done: bool,
+}
+
+impl Drop for HotGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done
+            && let Some(mut conn) = self.slot.take()
+        {
+            conn.close_on_drop();
+        }
+    }
 }
 
 /// How vigil's connections behave. Defaults match the settings' defaults.
@@ -238,6 +264,7 @@ impl Store {
                         .acquire_timeout(pool.acquire_timeout)
                         .connect_lazy_with(options.clone().application_name("vigil-locks"));
                     return Ok(Self {
+                        hot: hot_slot(&main),
                         pool: main,
                         locks,
                         call_timeout: pool.call_timeout(),
@@ -273,10 +300,48 @@ impl Store {
                     .application_name("vigil-locks"),
             );
         Self {
+            hot: hot_slot(&pool),
             pool,
             locks,
             call_timeout: defaults.call_timeout(),
         }
+    }
+
+    /// Runs `write` on the hot connection (the `hot` field), within the call bound;
+    /// on the pool when it is too small to spare one.
+    pub(crate) async fn hot_write<T>(
+        &self,
+        write: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, StoreError> {
+        let Some(hot) = &self.hot else {
+            return self
+                .bounded(async {
+                    let mut conn = self.pool.acquire().await?;
+                    Ok(write(&mut conn).await?)
+                })
+                .await;
+        };
+        self.bounded(async {
+            let mut slot = hot.lock().await;
+            if slot.is_none() {
+                *slot = Some(self.pool.acquire().await?);
+            }
+            let mut guard = HotGuard {
+                slot: &mut slot,
+                done: false,
+            };
+            let Some(conn) = guard.slot.as_mut() else {
+                return Err(StoreError::Query(sqlx::Error::PoolClosed));
+            };
+            let result = write(conn).await;
+            // An error the server answered leaves the session ready for the next one.
+            guard.done = match &result {
+                Ok(_) => true,
+                Err(e) => matches!(e, sqlx::Error::Database(_)),
+            };
+            Ok(result?)
+        })
+        .await
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -322,9 +387,21 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        // The pool's close waits for every connection to come back.
+        if let Some(hot) = &self.hot
+            && let Ok(mut slot) = tokio::time::timeout(self.call_timeout, hot.lock()).await
+            && let Some(conn) = slot.take()
+        {
+            let _ = conn.close().await;
+        }
         self.locks.close().await;
         self.pool.close().await;
     }
+}
+
+/// A hot connection only where the pool has another one for everything else.
+fn hot_slot(pool: &PgPool) -> Option<Arc<tokio::sync::Mutex<Option<PoolConnection<Postgres>>>>> {
+    (pool.options().get_max_connections() >= 2).then(|| Arc::new(tokio::sync::Mutex::new(None)))
 }
 
 /// `s` with U+0000 written as the six characters `\\u0000`: PostgreSQL's `text` and

@@ -465,9 +465,8 @@ impl Store {
         .bind(&peak_rss)
         .bind(&read)
         .bind(&written)
-        .bind(&measured_by)
-        .execute(&self.pool);
-        self.bounded(async { Ok(write.await?) }).await?;
+        .bind(&measured_by);
+        self.hot_write(async |c| write.execute(c).await).await?;
         // Outputs, by run (the first attempt's id): the latest attempt's wins.
         let outputs: Vec<&RunRecord> = runs.iter().filter(|r| r.output.is_some()).collect();
         if !outputs.is_empty() {
