@@ -21,6 +21,11 @@ use super::sample::{ProcessUse, TopProcesses, round2};
 pub const MAX_CMDLINE_BYTES: usize = 4096;
 /// How often `/etc/passwd` is read again for a uid it did not name.
 const USERS_EVERY: Duration = Duration::from_secs(60);
+/// Most `stat` files kept open between samples. Reading an open one again is one
+/// `pread`; opening it is a path walk, a size query and a close as well. Past this,
+/// the rest are opened each time, so a host with many processes cannot take the file
+/// descriptors the gateway and the pool need.
+const MAX_OPEN_STATS: usize = 512;
 
 /// What is known of one process between samples.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +54,10 @@ pub struct ProcessTable {
     ticks_per_s: f64,
     page_size: u64,
     buf: Vec<u8>,
+    /// `/proc/<pid>/stat` of processes seen before, open. A descriptor belongs to its
+    /// process, not its pid: once the process is gone, reading it fails, so a reused
+    /// pid is never read through its predecessor's file.
+    open: HashMap<i32, std::fs::File>,
 }
 
 impl ProcessTable {
@@ -71,6 +80,7 @@ impl ProcessTable {
             ticks_per_s: sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap_or(100) as f64,
             page_size: sysconf(nix::unistd::SysconfVar::PAGE_SIZE).unwrap_or(4096),
             buf: Vec::with_capacity(1024),
+            open: HashMap::new(),
         }
     }
 
@@ -124,6 +134,8 @@ impl ProcessTable {
                 rss_bytes: stat.rss.saturating_mul(self.page_size),
             });
         }
+        // Files of processes that were not listed this time are let go.
+        self.open.retain(|pid, _| now.contains_key(pid));
         self.previous = now;
         self.baseline = true;
 
@@ -156,11 +168,19 @@ impl ProcessTable {
     }
 
     fn read_stat(&mut self, pid: i32) -> Option<Stat> {
+        if let Some(file) = self.open.get(&pid) {
+            if read_whole_at(file, &mut self.buf).is_ok() {
+                return Stat::from_read(self.buf.as_slice()).ok();
+            }
+            // The process is gone (the pid may be another's now): open it afresh.
+            self.open.remove(&pid);
+        }
         let path = self.proc_dir.join(pid.to_string()).join("stat");
-        self.buf.clear();
-        std::fs::File::open(path)
-            .and_then(|mut f| f.read_to_end(&mut self.buf))
-            .ok()?;
+        let file = std::fs::File::open(path).ok()?;
+        read_whole_at(&file, &mut self.buf).ok()?;
+        if self.open.len() < MAX_OPEN_STATS {
+            self.open.insert(pid, file);
+        }
         Stat::from_read(self.buf.as_slice()).ok()
     }
 
@@ -197,6 +217,28 @@ impl ProcessTable {
             .cloned()
             .unwrap_or_else(|| uid.to_string())
     }
+}
+
+/// The whole of `file` from its start into `buf`, without moving its offset (a `stat`
+/// file is produced afresh by each read from the start).
+fn read_whole_at(file: &std::fs::File, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    buf.clear();
+    buf.resize(buf.capacity().max(1024), 0);
+    let mut filled = 0;
+    loop {
+        let room = buf.len() - filled;
+        let n = file.read_at(&mut buf[filled..], filled as u64)?;
+        filled += n;
+        // procfs hands a read from the start all it has when it fits: a read that
+        // left room was the last (one pread a process, not two).
+        if n < room {
+            break;
+        }
+        buf.resize(buf.len() * 2, 0);
+    }
+    buf.truncate(filled);
+    Ok(())
 }
 
 /// `/etc/passwd`: uid to name.
@@ -307,6 +349,39 @@ mod tests {
             with.by_memory[0].cmdline.as_deref(),
             Some("idle one --flag value")
         );
+    }
+
+    #[test]
+    fn a_kept_stat_file_reads_fresh_figures_and_fails_once_its_process_is_gone() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let file = std::fs::File::open(format!("/proc/{pid}/stat")).unwrap();
+        let mut buf = Vec::new();
+        let ticks = |buf: &[u8]| Stat::from_read(buf).map(|s| s.utime + s.stime).unwrap();
+        read_whole_at(&file, &mut buf).unwrap();
+        let first = ticks(&buf);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            read_whole_at(&file, &mut buf).unwrap();
+            if ticks(&buf) > first {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the kept file never moved");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Gone and reaped: whoever gets the pid next is never read through this file.
+        assert!(read_whole_at(&file, &mut buf).is_err());
+
+        // The table lets go of it and reads the rest.
+        let mut t = ProcessTable::new(Path::new("/"));
+        t.top(1, 1.0, false);
+        assert!(!t.open.contains_key(&pid));
+        assert!(t.open.contains_key(&(std::process::id() as i32)));
     }
 
     #[test]
