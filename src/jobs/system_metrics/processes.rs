@@ -58,18 +58,29 @@ pub struct ProcessTable {
     /// process, not its pid: once the process is gone, reading it fails, so a reused
     /// pid is never read through its predecessor's file.
     open: HashMap<i32, std::fs::File>,
+    /// Processes the last listing found (the `processes` section reuses it).
+    listed: u64,
+}
+
+/// The kernel's clock ticks per second and page size, for `stat`'s figures.
+pub fn ticks_and_page_size() -> (u64, u64) {
+    let sysconf = |v| {
+        nix::unistd::sysconf(v)
+            .ok()
+            .flatten()
+            .and_then(|n| u64::try_from(n).ok())
+            .filter(|&n| n > 0)
+    };
+    (
+        sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap_or(100),
+        sysconf(nix::unistd::SysconfVar::PAGE_SIZE).unwrap_or(4096),
+    )
 }
 
 impl ProcessTable {
     /// The processes under `root` (`/` natively, the host's root in a container).
     pub fn new(root: &Path) -> Self {
-        let sysconf = |v| {
-            nix::unistd::sysconf(v)
-                .ok()
-                .flatten()
-                .and_then(|n| u64::try_from(n).ok())
-                .filter(|&n| n > 0)
-        };
+        let (ticks_per_s, page_size) = ticks_and_page_size();
         Self {
             proc_dir: root.join("proc"),
             passwd: root.join("etc/passwd"),
@@ -77,8 +88,9 @@ impl ProcessTable {
             users_read_at: None,
             previous: HashMap::new(),
             baseline: false,
-            ticks_per_s: sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap_or(100) as f64,
-            page_size: sysconf(nix::unistd::SysconfVar::PAGE_SIZE).unwrap_or(4096),
+            ticks_per_s: ticks_per_s as f64,
+            page_size,
+            listed: 0,
             buf: Vec::with_capacity(1024),
             open: HashMap::new(),
         }
@@ -98,6 +110,7 @@ impl ProcessTable {
                 };
             }
         };
+        let mut listed = 0;
         for entry in entries.flatten() {
             let Some(pid) = entry
                 .file_name()
@@ -106,6 +119,7 @@ impl ProcessTable {
             else {
                 continue;
             };
+            listed += 1;
             // Gone since the listing, or not ours to read: left out.
             let Some(stat) = self.read_stat(pid) else {
                 continue;
@@ -138,6 +152,7 @@ impl ProcessTable {
         self.open.retain(|pid, _| now.contains_key(pid));
         self.previous = now;
         self.baseline = true;
+        self.listed = listed;
 
         let mut by_cpu: Vec<&Read> = all.iter().collect();
         by_cpu.sort_by(|a, b| {
@@ -165,6 +180,11 @@ impl ProcessTable {
                 .map(|r| self.describe(r, cmdline))
                 .collect(),
         }
+    }
+
+    /// How many processes the last [`ProcessTable::top`] listed.
+    pub fn listed(&self) -> u64 {
+        self.listed
     }
 
     fn read_stat(&mut self, pid: i32) -> Option<Stat> {
@@ -221,7 +241,7 @@ impl ProcessTable {
 
 /// The whole of `file` from its start into `buf`, without moving its offset (a `stat`
 /// file is produced afresh by each read from the start).
-fn read_whole_at(file: &std::fs::File, buf: &mut Vec<u8>) -> std::io::Result<()> {
+pub fn read_whole_at(file: &std::fs::File, buf: &mut Vec<u8>) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt as _;
     buf.clear();
     buf.resize(buf.capacity().max(1024), 0);

@@ -7,9 +7,8 @@ use std::time::Instant;
 
 use std::path::{Path, PathBuf};
 
-use sysinfo::{
-    CpuRefreshKind, MINIMUM_CPU_UPDATE_INTERVAL, Pid, ProcessRefreshKind, ProcessesToUpdate, System,
-};
+use procfs_core::FromRead as _;
+use sysinfo::{CpuRefreshKind, MINIMUM_CPU_UPDATE_INTERVAL, System};
 use wildmatch::WildMatch;
 
 use super::containers::ContainerTable;
@@ -67,7 +66,11 @@ pub struct Sampler {
     /// init, for its mount and network namespaces) through a host root.
     host_pid: &'static str,
     prober: Prober,
-    pid: Option<Pid>,
+    /// vigil's own `/proc/self/stat`, kept open (read again with one `pread`).
+    own_stat: Option<std::fs::File>,
+    /// Clock ticks per second and page size, for `stat`'s figures.
+    ticks_per_s: u64,
+    page_size: u64,
     last_at: Instant,
     previous: Previous,
     min_cpu_interval: std::time::Duration,
@@ -110,6 +113,7 @@ impl Sampler {
         let system = System::new().map_err(|e| SamplerError(e.to_string()))?;
         let root = host_root.map_or_else(|| PathBuf::from("/"), PathBuf::from);
         let collect: BTreeSet<Collect> = config.collect.iter().copied().collect();
+        let (ticks_per_s, page_size) = super::processes::ticks_and_page_size();
         let mut me = Self {
             processes: collect
                 .contains(&Collect::TopProcesses)
@@ -125,7 +129,9 @@ impl Sampler {
             root,
             host_pid: if host_root.is_some() { "1" } else { "self" },
             prober: Prober::new(disks::statvfs, disks::STAT_TIMEOUT),
-            pid: sysinfo::get_current_pid().ok(),
+            own_stat: std::fs::File::open("/proc/self/stat").ok(),
+            ticks_per_s,
+            page_size,
             // Pretend the minimum interval has passed: this baseline is discarded, and
             // start-up should not wait for it.
             last_at: Instant::now()
@@ -384,19 +390,23 @@ impl Sampler {
         let uptime_s = self
             .wants(Collect::Uptime)
             .then(|| System::uptime().unwrap_or(0));
-        let processes = self
-            .wants(Collect::Processes)
-            .then(|| count_processes(&self.root));
-
-        let own = self
-            .wants(Collect::Own)
-            .then(|| self.own_process(elapsed))
-            .flatten();
         let (top_n, cmdline) = (self.top_n, self.process_cmdline);
         let top_processes = self
             .processes
             .as_mut()
             .map(|t| t.top(top_n, elapsed, cmdline));
+        // top_processes has just listed /proc: its count saves a second listing.
+        let processes = self
+            .wants(Collect::Processes)
+            .then(|| match &self.processes {
+                Some(t) => t.listed(),
+                None => count_processes(&self.root),
+            });
+
+        let own = self
+            .wants(Collect::Own)
+            .then(|| self.own_process(elapsed))
+            .flatten();
         let containers = self.containers.as_mut().map(|t| t.sample(elapsed));
         let pressure = self
             .wants(Collect::Pressure)
@@ -429,14 +439,11 @@ impl Sampler {
     }
 
     fn own_process(&mut self, elapsed: f64) -> Option<OwnProcess> {
-        let pid = self.pid?;
-        self.system.refresh_processes_specifics(
-            ProcessesToUpdate::Some(&[pid]),
-            false,
-            ProcessRefreshKind::nothing().with_cpu().with_memory(),
-        );
-        let p = self.system.process(pid)?;
-        let cpu_ms = p.accumulated_cpu_time();
+        let mut buf = Vec::with_capacity(1024);
+        super::processes::read_whole_at(self.own_stat.as_ref()?, &mut buf).ok()?;
+        let stat = procfs_core::process::Stat::from_read(buf.as_slice()).ok()?;
+        let ticks = stat.utime.saturating_add(stat.stime);
+        let cpu_ms = ticks.saturating_mul(1000) / self.ticks_per_s.max(1);
         let used = self
             .previous
             .own_cpu_ms
@@ -444,7 +451,7 @@ impl Sampler {
         self.previous.own_cpu_ms = Some(cpu_ms);
         Some(OwnProcess {
             cpu_pct: round2(used as f64 / 1000.0 / elapsed * 100.0),
-            rss_bytes: p.memory(),
+            rss_bytes: stat.rss.saturating_mul(self.page_size),
         })
     }
 }
