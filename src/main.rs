@@ -240,8 +240,13 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         loki,
         &metrics,
     )?;
-    // tokio-cron-scheduler needs the multi-threaded runtime.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // tokio-cron-scheduler needs the multi-threaded runtime (with one worker too).
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    let host_only = matches!(command, Command::Run) && app::host_only(&config);
+    if let Some(n) = config.settings.worker_threads(host_only) {
+        builder.worker_threads(n);
+    }
+    let runtime = builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

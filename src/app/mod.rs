@@ -379,18 +379,23 @@ async fn follow_pauses(store: Store, scheduler: Scheduler, stop: CancellationTok
     }
 }
 
+/// Whether every job is host-scoped: a replica that only looks after its own host (a
+/// fleet's agent), sized small (two connections, one async worker).
+pub fn host_only(config: &Config) -> bool {
+    config
+        .file
+        .jobs
+        .iter()
+        .all(|j| j.scope == crate::config::Scope::Host)
+}
+
 /// `vigil run`: serves until `shutdown` resolves, then stops gracefully.
 pub async fn run(
     config: Config,
     metrics: Metrics,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AppError> {
-    let host_only = config
-        .file
-        .jobs
-        .iter()
-        .all(|j| j.scope == crate::config::Scope::Host);
-    let db = Database::open_for(&config.settings, host_only).await?;
+    let db = Database::open_for(&config.settings, host_only(&config)).await?;
     let result = match App::start_with(&config, &db.store, metrics).await {
         Ok(app) => {
             shutdown.await;

@@ -46,6 +46,7 @@ pub const KEYS: &[Key] = &[
         "VIGIL_DB_MAX_CONNECTIONS",
         RunnerAndEnv,
     ),
+    key("worker_threads", "VIGIL_WORKER_THREADS", RunnerAndEnv),
     key(
         "db_connect_timeout",
         "VIGIL_DB_CONNECT_TIMEOUT",

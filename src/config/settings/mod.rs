@@ -43,6 +43,8 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// Pool size as set; `None`: [`Settings::pool_size`] decides.
     pub db_max_connections: Option<u32>,
+    /// Async worker threads as set; `None`: [`Settings::worker_threads`] decides.
+    pub worker_threads_set: Option<usize>,
     pub db_connect_timeout: Duration,
     /// Bound on one connection attempt or the wait for a pooled connection.
     pub db_acquire_timeout: Duration,
@@ -106,6 +108,14 @@ impl Settings {
         } else {
             DEFAULT_DB_MAX_CONNECTIONS
         })
+    }
+
+    /// The async runtime's worker threads: as set, else one when every job is
+    /// host-scoped (a sample and a few writes a second: a second worker only adds
+    /// wake-ups between threads, about a fifth of a one-second host job's CPU), else
+    /// `None`: one per core.
+    pub fn worker_threads(&self, host_only: bool) -> Option<usize> {
+        self.worker_threads_set.or(host_only.then_some(1))
     }
 
     /// Layers defaults, `[runner]` and `env`, and validates every key.
@@ -215,6 +225,11 @@ impl Settings {
                 "db_max_connections",
                 "a whole number from 1 to 1000",
                 |s| s.parse::<u32>().ok().filter(|n| (1..=1000).contains(n)),
+            ),
+            worker_threads_set: r.maybe(
+                "worker_threads",
+                "a whole number from 1 to 256",
+                |s| s.parse::<usize>().ok().filter(|n| (1..=256).contains(n)),
             ),
             db_connect_timeout: r.duration("db_connect_timeout", DEFAULT_DB_CONNECT_TIMEOUT),
             db_acquire_timeout: r.duration("db_acquire_timeout", DEFAULT_DB_ACQUIRE_TIMEOUT),
@@ -502,6 +517,33 @@ mod tests {
         );
         assert!(err.contains("environment variable VIGIL_SHUTDOWN_GRACE: shutdown_grace: invalid duration \"soon\""), "{err}");
         assert!(err.contains("environment variable VIGIL_DB_MAX_CONNECTIONS: db_max_connections: invalid value \"0\""), "{err}");
+    }
+
+    #[test]
+    fn a_host_only_replica_runs_one_worker_unless_told_otherwise() {
+        let defaults =
+            Settings::load(&[], &Environment::from_pairs(Vec::<(&str, &str)>::new())).unwrap();
+        assert_eq!(defaults.worker_threads(true), Some(1));
+        assert_eq!(defaults.worker_threads(false), None, "one per core");
+        let set = Settings::load(
+            &[],
+            &Environment::from_pairs([("VIGIL_WORKER_THREADS", "3")]),
+        )
+        .unwrap();
+        assert_eq!(set.worker_threads(true), Some(3));
+        assert_eq!(set.worker_threads(false), Some(3));
+        let err = Settings::load(
+            &[],
+            &Environment::from_pairs([("VIGIL_WORKER_THREADS", "0")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(
+                "environment variable VIGIL_WORKER_THREADS: worker_threads: invalid value \"0\""
+            ),
+            "{err}"
+        );
     }
 
     #[test]
