@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use common::{Running, TestDb, eventually, vigil, write};
 use hmac::{Hmac, Mac as _};
-use serde_json::Value;
+use serde_json::{Value, json};
 use sha2::Sha256;
 use vigil::app::App;
 use vigil::config::{self, Environment};
@@ -792,4 +792,34 @@ async fn three_replicas_notify_each_incident_exactly_once() {
         .unwrap();
     assert!(!openers.is_empty());
     drop(replicas);
+}
+
+/// Found by schemathesis: a `job` filter holding U+0000 (which PostgreSQL's text
+/// refuses) made the statement fail and the API answer 500.
+#[tokio::test]
+async fn an_alerts_filter_no_job_can_match_answers_an_empty_list_not_an_error() {
+    let live = Live::start(
+        r#"[[jobs]]
+name = "quiet"
+kind = "command"
+every = "1h"
+[jobs.settings]
+command = ["true"]
+"#,
+    )
+    .await;
+    for query in [
+        "job=%C3%8F%00&limit=47",
+        "job=%00",
+        "cursor=d7495154-6f41-3589-aae7-f78be846b6eb&job=a%00b",
+    ] {
+        let response = common::http()
+            .get(format!("{}/api/alerts?{query}", live.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{query}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["incidents"], json!([]), "{query}");
+    }
 }
