@@ -366,18 +366,14 @@ async fn deliver(inner: &Arc<Inner>, p: crate::store::invoke::PendingCallback) {
     {
         tracing::warn!(run_id = %p.run_id, error = %e, "cannot record a callback attempt");
     }
-    // The retry is due at its time, not at the next poll after it.
     if let Some(next) = retry_at {
-        let wait = (next - chrono::Utc::now())
-            .to_std()
-            .unwrap_or(Duration::ZERO);
         let waker = inner.clone();
-        inner.tasks.spawn(async move {
-            tokio::select! {
-                () = tokio::time::sleep(wait) => waker.wake.notify_one(),
-                () = waker.stop.cancelled() => {}
-            }
-        });
+        super::wake_at(
+            &inner.tasks,
+            &inner.stop,
+            next - chrono::Utc::now(),
+            move || waker.wake.notify_one(),
+        );
     }
 }
 

@@ -1055,20 +1055,33 @@ async fn deliver(inner: &Inner, p: Pending) {
     if let Err(e) = inner.store.record_attempt(&p, &attempt).await {
         tracing::warn!(error = %e, incident = %p.incident_id, "cannot record an alert delivery");
     }
-    // The retry is due at its time, not at the next poll after it.
     if let Some(next) = retry_at {
-        let wait = (next - inner.scheduler.now())
-            .to_std()
-            .unwrap_or(Duration::ZERO);
-        let stop = inner.stop.clone();
         let wake = inner.wake_deliverer.clone();
-        inner.tasks.spawn(async move {
-            tokio::select! {
-                () = tokio::time::sleep(wait) => wake.notify_one(),
-                () = stop.cancelled() => {}
-            }
-        });
+        wake_at(
+            &inner.tasks,
+            &inner.stop,
+            next - inner.scheduler.now(),
+            move || wake.notify_one(),
+        );
     }
+}
+
+/// Calls `wake` after `wait` (at once if it has passed) unless `stop` comes first: a
+/// deliverer's retry is due at its time, not at the next idle poll after it.
+fn wake_at(
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+    wait: chrono::Duration,
+    wake: impl FnOnce() + Send + 'static,
+) {
+    let wait = wait.to_std().unwrap_or(Duration::ZERO);
+    let stop = stop.clone();
+    tasks.spawn(async move {
+        tokio::select! {
+            () = tokio::time::sleep(wait) => wake(),
+            () = stop.cancelled() => {}
+        }
+    });
 }
 
 #[cfg(test)]

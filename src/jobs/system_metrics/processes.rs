@@ -104,6 +104,7 @@ impl ProcessTable {
         let entries = match std::fs::read_dir(&self.proc_dir) {
             Ok(e) => e,
             Err(_) => {
+                self.listed = 0;
                 return TopProcesses {
                     by_cpu: Vec::new(),
                     by_memory: Vec::new(),
@@ -189,19 +190,19 @@ impl ProcessTable {
 
     fn read_stat(&mut self, pid: i32) -> Option<Stat> {
         if let Some(file) = self.open.get(&pid) {
-            if read_whole_at(file, &mut self.buf).is_ok() {
-                return Stat::from_read(self.buf.as_slice()).ok();
+            if let Some(stat) = read_stat_at(file, &mut self.buf) {
+                return Some(stat);
             }
             // The process is gone (the pid may be another's now): open it afresh.
             self.open.remove(&pid);
         }
         let path = self.proc_dir.join(pid.to_string()).join("stat");
         let file = std::fs::File::open(path).ok()?;
-        read_whole_at(&file, &mut self.buf).ok()?;
-        if self.open.len() < MAX_OPEN_STATS {
+        let stat = read_stat_at(&file, &mut self.buf);
+        if stat.is_some() && self.open.len() < MAX_OPEN_STATS {
             self.open.insert(pid, file);
         }
-        Stat::from_read(self.buf.as_slice()).ok()
+        stat
     }
 
     fn describe(&mut self, r: &Read, cmdline: bool) -> ProcessUse {
@@ -239,9 +240,15 @@ impl ProcessTable {
     }
 }
 
+/// A kept `stat` file read again into `buf`: `None` once its process is gone.
+pub fn read_stat_at(file: &std::fs::File, buf: &mut Vec<u8>) -> Option<Stat> {
+    read_whole_at(file, buf).ok()?;
+    Stat::from_read(buf.as_slice()).ok()
+}
+
 /// The whole of `file` from its start into `buf`, without moving its offset (a `stat`
 /// file is produced afresh by each read from the start).
-pub fn read_whole_at(file: &std::fs::File, buf: &mut Vec<u8>) -> std::io::Result<()> {
+fn read_whole_at(file: &std::fs::File, buf: &mut Vec<u8>) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt as _;
     buf.clear();
     buf.resize(buf.capacity().max(1024), 0);
@@ -402,6 +409,20 @@ mod tests {
         t.top(1, 1.0, false);
         assert!(!t.open.contains_key(&pid));
         assert!(t.open.contains_key(&(std::process::id() as i32)));
+    }
+
+    #[test]
+    fn the_listing_counts_every_process_and_nothing_when_proc_cannot_be_read() {
+        let root = tempfile::tempdir().unwrap();
+        put(root.path(), 10, "a", 1, 1, 1);
+        put(root.path(), 20, "b", 1, 2, 1);
+        std::fs::create_dir_all(root.path().join("proc/self")).unwrap();
+        let mut t = ProcessTable::new(root.path());
+        t.top(1, 1.0, false);
+        assert_eq!(t.listed(), 2, "numeric entries only");
+        std::fs::remove_dir_all(root.path().join("proc")).unwrap();
+        t.top(1, 1.0, false);
+        assert_eq!(t.listed(), 0, "not the last listing's count");
     }
 
     #[test]

@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use std::path::{Path, PathBuf};
 
-use procfs_core::FromRead as _;
 use sysinfo::{CpuRefreshKind, MINIMUM_CPU_UPDATE_INTERVAL, System};
 use wildmatch::WildMatch;
 
@@ -68,6 +67,7 @@ pub struct Sampler {
     prober: Prober,
     /// vigil's own `/proc/self/stat`, kept open (read again with one `pread`).
     own_stat: Option<std::fs::File>,
+    own_buf: Vec<u8>,
     /// Clock ticks per second and page size, for `stat`'s figures.
     ticks_per_s: u64,
     page_size: u64,
@@ -130,6 +130,7 @@ impl Sampler {
             host_pid: if host_root.is_some() { "1" } else { "self" },
             prober: Prober::new(disks::statvfs, disks::STAT_TIMEOUT),
             own_stat: std::fs::File::open("/proc/self/stat").ok(),
+            own_buf: Vec::with_capacity(1024),
             ticks_per_s,
             page_size,
             // Pretend the minimum interval has passed: this baseline is discarded, and
@@ -439,9 +440,7 @@ impl Sampler {
     }
 
     fn own_process(&mut self, elapsed: f64) -> Option<OwnProcess> {
-        let mut buf = Vec::with_capacity(1024);
-        super::processes::read_whole_at(self.own_stat.as_ref()?, &mut buf).ok()?;
-        let stat = procfs_core::process::Stat::from_read(buf.as_slice()).ok()?;
+        let stat = super::processes::read_stat_at(self.own_stat.as_ref()?, &mut self.own_buf)?;
         let ticks = stat.utime.saturating_add(stat.stime);
         let cpu_ms = ticks.saturating_mul(1000) / self.ticks_per_s.max(1);
         let used = self
