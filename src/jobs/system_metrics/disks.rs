@@ -52,14 +52,14 @@ const PSEUDO_FS: &[&str] = &[
     "efivarfs",
 ];
 
-/// Reads `/proc/<pid>/mountinfo` under `root` (`/` and `self`, or the host's root
-/// mounted into a container and `1`, its init), keeping the visible mount of each mount
-/// point, pseudo file systems and kernel trees (`/sys`, `/proc`, `/dev`) left out.
-pub fn mounts(root: &Path, pid: &str) -> io::Result<Vec<Mount>> {
-    let text = std::fs::read_to_string(root.join("proc").join(pid).join("mountinfo"))?;
-    Ok(parse_mountinfo(&text))
+/// Where `/proc/<pid>/mountinfo` is under `root` (`/` and `self`, or the host's root
+/// mounted into a container and `1`, its init).
+pub fn mountinfo_path(root: &Path, pid: &str) -> PathBuf {
+    root.join("proc").join(pid).join("mountinfo")
 }
 
+/// A `mountinfo` text: the visible mount of each mount point, pseudo file systems and
+/// kernel trees (`/sys`, `/proc`, `/dev`) left out.
 pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
     let mut out: Vec<Mount> = Vec::new();
     for line in text.lines() {
@@ -138,13 +138,7 @@ pub struct IoCounters {
     pub busy_ms: u64,
 }
 
-/// `/proc/diskstats` under `root`, by device numbers and by name.
-pub fn diskstats(root: &Path) -> HashMap<(u32, u32), (String, IoCounters)> {
-    std::fs::read_to_string(root.join("proc/diskstats"))
-        .map(|t| parse_diskstats(&t))
-        .unwrap_or_default()
-}
-
+/// `/proc/diskstats`, by device numbers and by name.
 pub fn parse_diskstats(text: &str) -> HashMap<(u32, u32), (String, IoCounters)> {
     let mut out = HashMap::new();
     for line in text.lines() {

@@ -9,6 +9,8 @@
 
 mod containers;
 mod disks;
+mod host;
+mod kept;
 mod pressure;
 mod processes;
 mod sample;

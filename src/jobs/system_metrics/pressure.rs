@@ -5,22 +5,37 @@ use std::path::Path;
 
 use procfs_core::parse_pressure_record;
 
+use super::kept::KeptFile;
 use super::sample::{Pressure, Stall, round2};
 
-/// The host's pressure, read under `root`; `None` where the kernel offers none.
-pub fn read(root: &Path) -> Option<Pressure> {
-    let dir = root.join("proc/pressure");
-    let one = |name: &str| {
-        std::fs::read_to_string(dir.join(name))
-            .ok()
-            .and_then(|t| parse(&t))
-    };
-    let p = Pressure {
-        cpu: one("cpu"),
-        memory: one("memory"),
-        io: one("io"),
-    };
-    (p.cpu.is_some() || p.memory.is_some() || p.io.is_some()).then_some(p)
+/// The host's three pressure files under a root, kept open.
+#[derive(Debug)]
+pub struct PressureFiles {
+    cpu: KeptFile,
+    memory: KeptFile,
+    io: KeptFile,
+}
+
+impl PressureFiles {
+    pub fn new(root: &Path) -> Self {
+        let dir = root.join("proc/pressure");
+        Self {
+            cpu: KeptFile::new(dir.join("cpu")),
+            memory: KeptFile::new(dir.join("memory")),
+            io: KeptFile::new(dir.join("io")),
+        }
+    }
+
+    /// The host's pressure now; `None` where the kernel offers none.
+    pub fn read(&mut self) -> Option<Pressure> {
+        let one = |f: &mut KeptFile| f.read_str().and_then(parse);
+        let p = Pressure {
+            cpu: one(&mut self.cpu),
+            memory: one(&mut self.memory),
+            io: one(&mut self.io),
+        };
+        (p.cpu.is_some() || p.memory.is_some() || p.io.is_some()).then_some(p)
+    }
 }
 
 /// One pressure file: a `some` line, and a `full` line where the kernel has one.
@@ -73,6 +88,6 @@ mod tests {
     #[test]
     fn a_kernel_without_pressure_files_gives_no_section() {
         let root = tempfile::tempdir().unwrap();
-        assert_eq!(read(root.path()), None);
+        assert_eq!(PressureFiles::new(root.path()).read(), None);
     }
 }

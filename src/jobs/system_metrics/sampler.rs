@@ -1,6 +1,6 @@
-//! Reads the host with sysinfo, keeping one `System` (and disk and network lists) alive
-//! between samples so CPU usage and every rate cover exactly the time since the
-//! previous sample.
+//! Reads the host, keeping its counters' previous values (and the kernel files they
+//! come from, open) between samples, so CPU usage and every rate cover exactly the
+//! time since the previous sample.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Instant;
@@ -12,6 +12,9 @@ use wildmatch::WildMatch;
 
 use super::containers::ContainerTable;
 use super::disks::{self, IoCounters, Probe, Prober};
+use super::host::{CpuTicks, HostFiles};
+use super::kept::KeptFile;
+use super::pressure::PressureFiles;
 use super::processes::ProcessTable;
 use super::sample::{
     Cpu, Disk, Interface, Load, Memory, Network, OwnProcess, SHAPE_VERSION, Sample, Traffic,
@@ -53,6 +56,31 @@ struct Previous {
     disks: HashMap<(String, String), IoCounters>,
     interfaces: HashMap<String, [u64; 6]>,
     own_cpu_ms: Option<u64>,
+    /// The sum of all CPUs, then each core.
+    cpu: Vec<CpuTicks>,
+}
+
+/// Figures that barely move, read again once a minute: every second they cost more
+/// than all the counters (the frequency makes the kernel ask every core).
+#[derive(Debug, Default)]
+struct Slow {
+    read_at: Option<Instant>,
+    frequency_mhz: Option<u64>,
+    cgroup_memory_bytes: Option<u64>,
+    cgroup_cores: Option<f64>,
+}
+
+/// The kernel files read every sample, kept open.
+#[derive(Debug)]
+struct Files {
+    host: HostFiles,
+    net_dev: KeptFile,
+    mountinfo: KeptFile,
+    /// This process's own mounts, to tell which of the host's are visible through
+    /// its root; only with a host root.
+    own_mountinfo: Option<KeptFile>,
+    diskstats: KeptFile,
+    pressure: PressureFiles,
 }
 
 pub struct Sampler {
@@ -65,6 +93,8 @@ pub struct Sampler {
     /// init, for its mount and network namespaces) through a host root.
     host_pid: &'static str,
     prober: Prober,
+    files: Files,
+    slow: Slow,
     /// vigil's own `/proc/self/stat`, kept open (read again with one `pread`).
     own_stat: Option<std::fs::File>,
     own_buf: Vec<u8>,
@@ -74,9 +104,6 @@ pub struct Sampler {
     last_at: Instant,
     previous: Previous,
     min_cpu_interval: std::time::Duration,
-    /// When the CPU frequency was last read: without cpufreq (most VMs) sysinfo reads
-    /// `/proc/cpuinfo`, which makes the kernel ask every core; the value barely moves.
-    frequency_read_at: Option<Instant>,
     /// Kept between samples for CPU over the interval; only when collected.
     processes: Option<ProcessTable>,
     containers: Option<ContainerTable>,
@@ -84,8 +111,9 @@ pub struct Sampler {
     process_cmdline: bool,
 }
 
-/// How often the CPU frequency is read again (samples between repeat the last value).
-const FREQUENCY_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+/// How often the CPU frequency and the cgroup limits are read again (samples between
+/// repeat the last values).
+const SLOW_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot read host metrics: {0}")]
@@ -114,6 +142,7 @@ impl Sampler {
         let root = host_root.map_or_else(|| PathBuf::from("/"), PathBuf::from);
         let collect: BTreeSet<Collect> = config.collect.iter().copied().collect();
         let (ticks_per_s, page_size) = super::processes::ticks_and_page_size();
+        let host_pid = if host_root.is_some() { "1" } else { "self" };
         let mut me = Self {
             processes: collect
                 .contains(&Collect::TopProcesses)
@@ -126,9 +155,20 @@ impl Sampler {
             collect,
             filters: Filters::new(config),
             system,
-            root,
-            host_pid: if host_root.is_some() { "1" } else { "self" },
+            host_pid,
             prober: Prober::new(disks::statvfs, disks::STAT_TIMEOUT),
+            files: Files {
+                host: HostFiles::new(),
+                net_dev: KeptFile::new(root.join("proc").join(host_pid).join("net/dev")),
+                mountinfo: KeptFile::new(disks::mountinfo_path(&root, host_pid)),
+                own_mountinfo: host_root
+                    .is_some()
+                    .then(|| KeptFile::new(disks::mountinfo_path(Path::new("/"), "self"))),
+                diskstats: KeptFile::new(root.join("proc/diskstats")),
+                pressure: PressureFiles::new(&root),
+            },
+            slow: Slow::default(),
+            root,
             own_stat: std::fs::File::open("/proc/self/stat").ok(),
             own_buf: Vec::with_capacity(1024),
             ticks_per_s,
@@ -140,7 +180,6 @@ impl Sampler {
                 .unwrap_or_else(Instant::now),
             previous: Previous::default(),
             min_cpu_interval: MINIMUM_CPU_UPDATE_INTERVAL,
-            frequency_read_at: None,
         };
         me.sample();
         Ok(me)
@@ -163,71 +202,66 @@ impl Sampler {
         self.last_at = now;
         let per_s = |n: u64| round2(n as f64 / elapsed);
 
+        if self.wants(Collect::Cpu) || self.wants(Collect::Memory) {
+            self.read_slow(now);
+        }
         let cpu = self.wants(Collect::Cpu).then(|| {
-            let mut kind = CpuRefreshKind::nothing().with_usage();
-            if self
-                .frequency_read_at
-                .is_none_or(|t| t.elapsed() >= FREQUENCY_EVERY)
-            {
-                kind = kind.with_frequency();
-                self.frequency_read_at = Some(now);
-            }
-            self.system.refresh_cpu_specifics(kind);
-            let cpus = self.system.cpus();
-            let freqs: Vec<u64> = cpus
-                .iter()
-                .map(|c| c.frequency())
-                .filter(|f| *f > 0)
-                .collect();
-            Cpu {
-                usage_pct: round2(f64::from(self.system.global_cpu_usage()).clamp(0.0, 100.0)),
-                per_core_pct: cpus
-                    .iter()
-                    .map(|c| round2(f64::from(c.usage()).clamp(0.0, 100.0)))
-                    .collect(),
-                cores: cpus.len(),
-                frequency_mhz: (!freqs.is_empty())
-                    .then(|| freqs.iter().sum::<u64>() / freqs.len() as u64),
-                // The limit of this process's cgroup; a host seen through its root
-                // has none of it.
-                cgroup_limit_cores: self.host_pid.eq("self").then(cgroup_cpu_limit).flatten(),
-            }
+            let ticks = self.files.host.cpu_ticks();
+            let usage = |i: usize| {
+                let prev = self.previous.cpu.get(i).copied().unwrap_or_default();
+                round2(ticks.get(i).map_or(0.0, |t| t.usage_since(prev)))
+            };
+            let cpu = Cpu {
+                usage_pct: usage(0),
+                per_core_pct: (1..ticks.len()).map(usage).collect(),
+                cores: ticks.len().saturating_sub(1),
+                frequency_mhz: self.slow.frequency_mhz,
+                cgroup_limit_cores: self.slow.cgroup_cores,
+            };
+            self.previous.cpu = ticks;
+            cpu
         });
 
         let memory = self.wants(Collect::Memory).then(|| {
-            self.system.refresh_memory();
-            let total = self.system.total_memory();
-            let available = self.system.available_memory();
-            let used = total.saturating_sub(available);
+            let m = self.files.host.memory().unwrap_or_default();
+            let used = m.total.saturating_sub(m.available);
             Memory {
-                total_bytes: total,
+                total_bytes: m.total,
                 used_bytes: used,
-                available_bytes: available,
-                used_pct: pct(used, total),
-                swap_total_bytes: self.system.total_swap(),
-                swap_used_bytes: self.system.used_swap(),
+                available_bytes: m.available,
+                used_pct: pct(used, m.total),
+                swap_total_bytes: m.swap_total,
+                swap_used_bytes: m.swap_total.saturating_sub(m.swap_free),
                 cgroup_limit_bytes: self
-                    .host_pid
-                    .eq("self")
-                    .then(|| self.system.cgroup_limits())
-                    .flatten()
-                    .map(|l| l.total_memory)
-                    .filter(|&l| l > 0 && l < total),
+                    .slow
+                    .cgroup_memory_bytes
+                    .filter(|&l| l > 0 && l < m.total),
             }
         });
 
         let mut unavailable = Vec::new();
         let disks = self.wants(Collect::Disk).then(|| {
-            let mounts = disks::mounts(&self.root, self.host_pid).unwrap_or_default();
+            let mounts = self
+                .files
+                .mountinfo
+                .read_str()
+                .map(disks::parse_mountinfo)
+                .unwrap_or_default();
             // Through a host root: where the host's mounts appear in this process's view.
-            let visible: Option<HashSet<PathBuf>> = (self.host_pid != "self").then(|| {
-                disks::mounts(Path::new("/"), "self")
+            let visible: Option<HashSet<PathBuf>> = self.files.own_mountinfo.as_mut().map(|f| {
+                f.read_str()
+                    .map(disks::parse_mountinfo)
                     .unwrap_or_default()
                     .into_iter()
                     .map(|m| PathBuf::from(m.mount_point))
                     .collect()
             });
-            let stats = disks::diskstats(&self.root);
+            let stats = self
+                .files
+                .diskstats
+                .read_str()
+                .map(disks::parse_diskstats)
+                .unwrap_or_default();
             let mut seen = HashMap::new();
             let mut out = Vec::new();
             for m in mounts {
@@ -321,9 +355,11 @@ impl Sampler {
         });
 
         let network = self.wants(Collect::Network).then(|| {
-            let path = self.root.join("proc").join(self.host_pid).join("net/dev");
-            let counters = std::fs::read_to_string(&path)
-                .map(|t| parse_net_dev(&t))
+            let counters = self
+                .files
+                .net_dev
+                .read_str()
+                .map(parse_net_dev)
                 .unwrap_or_default();
             let mut seen = HashMap::new();
             let mut interfaces = Vec::new();
@@ -376,21 +412,13 @@ impl Sampler {
         });
 
         let load = self.wants(Collect::Load).then(|| {
-            let l = System::load_average().unwrap_or(sysinfo::LoadAvg {
-                one: 0.0,
-                five: 0.0,
-                fifteen: 0.0,
-            });
-            Load {
-                one: l.one,
-                five: l.five,
-                fifteen: l.fifteen,
-            }
+            let (one, five, fifteen) = self.files.host.load().unwrap_or_default();
+            Load { one, five, fifteen }
         });
 
         let uptime_s = self
             .wants(Collect::Uptime)
-            .then(|| System::uptime().unwrap_or(0));
+            .then(|| self.files.host.uptime_s().unwrap_or(0));
         let (top_n, cmdline) = (self.top_n, self.process_cmdline);
         let top_processes = self
             .processes
@@ -411,7 +439,7 @@ impl Sampler {
         let containers = self.containers.as_mut().map(|t| t.sample(elapsed));
         let pressure = self
             .wants(Collect::Pressure)
-            .then(|| super::pressure::read(&self.root))
+            .then(|| self.files.pressure.read())
             .flatten();
 
         Sample {
@@ -437,6 +465,39 @@ impl Sampler {
     /// below sysinfo's minimum the CPU figures are meaningless.
     pub fn set_min_cpu_interval_for_benchmarks(&mut self, interval: std::time::Duration) {
         self.min_cpu_interval = interval;
+    }
+
+    /// The frequency and the cgroup limits, when a minute has passed since they were
+    /// last read. A cgroup limit is this process's own: a host seen through its root
+    /// has none of it.
+    fn read_slow(&mut self, now: Instant) {
+        if self
+            .slow
+            .read_at
+            .is_some_and(|t| now.duration_since(t) < SLOW_EVERY)
+        {
+            return;
+        }
+        self.slow.read_at = Some(now);
+        if self.wants(Collect::Cpu) {
+            self.system
+                .refresh_cpu_specifics(CpuRefreshKind::nothing().with_frequency());
+            let freqs: Vec<u64> = self
+                .system
+                .cpus()
+                .iter()
+                .map(|c| c.frequency())
+                .filter(|f| *f > 0)
+                .collect();
+            self.slow.frequency_mhz =
+                (!freqs.is_empty()).then(|| freqs.iter().sum::<u64>() / freqs.len() as u64);
+        }
+        let own = self.host_pid == "self";
+        self.slow.cgroup_cores = own.then(cgroup_cpu_limit).flatten();
+        self.slow.cgroup_memory_bytes = own
+            .then(|| self.system.cgroup_limits())
+            .flatten()
+            .map(|l| l.total_memory);
     }
 
     fn own_process(&mut self, elapsed: f64) -> Option<OwnProcess> {
