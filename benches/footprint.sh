@@ -2,8 +2,11 @@
 # Agent footprint, side by side in one window: vigil running the shipped host job at
 # 1 s (gateway up), collectd with a comparable plugin set (cpu, memory, df, interface,
 # load) writing to PostgreSQL through its postgresql plugin every second, and
-# Prometheus node_exporter scraped every second. Reports each one's CPU seconds during
-# the window, resident memory (peak VmHWM and at the end VmRSS), and vigil's ratios.
+# Prometheus node_exporter scraped every second. A second vigil runs the same job
+# collecting only what collectd's plugins collect (cpu, memory, disk, network, load),
+# for a like-for-like figure: the shipped job also reads every process each sample.
+# Reports each one's CPU seconds during the window, resident memory (peak VmHWM and at
+# the end VmRSS), and vigil's ratios.
 #
 #   benches/footprint.sh [SECONDS]          (default 120)
 #
@@ -31,23 +34,31 @@ fi
 
 admin=${TEST_DATABASE_URL:-postgres://$(id -un)@127.0.0.1:5432/postgres}
 db="vigil_footprint_$$"
+db5="vigil5_footprint_$$"
 cdb="collectd_footprint_$$"
 psql -q "$admin" -c "CREATE DATABASE $db" >/dev/null
+psql -q "$admin" -c "CREATE DATABASE $db5" >/dev/null
 psql -q "$admin" -c "CREATE DATABASE $cdb" >/dev/null
 db_url="${admin%/*}/$db"
+db5_url="${admin%/*}/$db5"
 cdb_url="${admin%/*}/$cdb"
 # collectd's own example schema and insert function, as its documentation ships them.
 psql -q "$cdb_url" -f /usr/share/doc/collectd-core/examples/postgresql/collectd_insert.sql >/dev/null
 
 work=$(mktemp -d)
-# The shipped host job, at 1 s.
-python3 - jobs.toml "$work/jobs.toml" <<'PY'
+mkdir "$work/five"
+# The shipped host job, at 1 s; and the same collecting collectd's plugins' sections.
+python3 - jobs.toml "$work/jobs.toml" "$work/five/jobs.toml" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
 jobs = re.split(r"(?m)^(?=\[\[jobs\]\])", text)
 host = next(j for j in jobs if 'kind = "system_metrics"' in j)
 host = re.sub(r'(?m)^every = ".*"$', 'every = "1s"', host)
 open(sys.argv[2], "w").write(host)
+five, n = re.subn(r'(?ms)^collect = \[.*?\]',
+                  'collect = ["cpu", "memory", "disk", "network", "load"]', host)
+assert n == 1, "the shipped host job has no collect list"
+open(sys.argv[3], "w").write(five)
 PY
 
 pg_host=$(python3 -c 'import sys, urllib.parse as u; p = u.urlparse(sys.argv[1]); print(p.hostname or "127.0.0.1", p.port or 5432, p.username or "", sep=" ")' "$admin")
@@ -94,6 +105,7 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   psql -q "$admin" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+  psql -q "$admin" -c "DROP DATABASE IF EXISTS $db5 WITH (FORCE)" >/dev/null 2>&1 || true
   psql -q "$admin" -c "DROP DATABASE IF EXISTS $cdb WITH (FORCE)" >/dev/null 2>&1 || true
   rm -rf "$work"
 }
@@ -114,18 +126,26 @@ read -r -a extra_env <<<"${FOOTPRINT_ENV:-}"
 (cd "$work" && exec env "${extra_env[@]}" DATABASE_URL="$db_url" PORT="$(free_port)" VIGIL_LOG=warn \
    "$vigil_bin" run) >"$work/vigil.log" 2>&1 &
 vigil_pid=$!; pids+=("$vigil_pid")
+# From its own copy of the binary: vigil pages its code out after start-up, and the
+# kernel skips pages another process maps, so two from one file would both stay larger.
+cp "$vigil_bin" "$work/five/vigil"
+(cd "$work/five" && exec env "${extra_env[@]}" DATABASE_URL="$db5_url" PORT="$(free_port)" VIGIL_LOG=warn \
+   ./vigil run) >"$work/vigil5.log" 2>&1 &
+vigil5_pid=$!; pids+=("$vigil5_pid")
 
 # Let all three start up, then measure the window.
 sleep 5
-for p in "$ne_pid" "$cd_pid" "$vigil_pid"; do
-  kill -0 "$p" 2>/dev/null || { tail -n 20 "$work"/*.log >&2; echo "an agent did not start" >&2; exit 1; }
+for p in "$ne_pid" "$cd_pid" "$vigil_pid" "$vigil5_pid"; do
+  kill -0 "$p" 2>/dev/null || { tail -n 20 "$work"/*.log "$work"/five/*.log >&2; echo "an agent did not start" >&2; exit 1; }
 done
 ticks=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 ne_start=$(cpu_ticks "$ne_pid"); cd_start=$(cpu_ticks "$cd_pid"); vigil_start=$(cpu_ticks "$vigil_pid")
+vigil5_start=$(cpu_ticks "$vigil5_pid")
 cd_rows_start=$(psql -Atq "$cdb_url" -c 'SELECT count(*) FROM "values"')
 sleep "$SECONDS_TO_RUN"
 ne_end=$(cpu_ticks "$ne_pid"); cd_end=$(cpu_ticks "$cd_pid"); vigil_end=$(cpu_ticks "$vigil_pid")
+vigil5_end=$(cpu_ticks "$vigil5_pid")
 status() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
 samples=$(psql -Atq "$db_url" -c "SELECT count(*) FROM system_metrics")
 cd_rows=$(( $(psql -Atq "$cdb_url" -c 'SELECT count(*) FROM "values"') - cd_rows_start ))
@@ -133,19 +153,24 @@ cd_rows=$(( $(psql -Atq "$cdb_url" -c 'SELECT count(*) FROM "values"') - cd_rows
 python3 - "$SECONDS_TO_RUN" "$ticks" "$samples" "$cd_rows" \
   "$ne_start" "$ne_end" "$(status "$ne_pid" VmHWM)" "$(status "$ne_pid" VmRSS)" \
   "$cd_start" "$cd_end" "$(status "$cd_pid" VmHWM)" "$(status "$cd_pid" VmRSS)" \
-  "$vigil_start" "$vigil_end" "$(status "$vigil_pid" VmHWM)" "$(status "$vigil_pid" VmRSS)" <<'PY'
+  "$vigil_start" "$vigil_end" "$(status "$vigil_pid" VmHWM)" "$(status "$vigil_pid" VmRSS)" \
+  "$vigil5_start" "$vigil5_end" "$(status "$vigil5_pid" VmHWM)" "$(status "$vigil5_pid" VmRSS)" <<'PY'
 import sys
 a = list(map(float, sys.argv[1:]))
 secs, ticks, samples, cd_rows = a[:4]
 agents = {}
-for i, name in enumerate(["node_exporter", "collectd", "vigil"]):
+for i, name in enumerate(["node_exporter", "collectd", "vigil", "vigil (5 sections)"]):
     s, e, hwm, rss = a[4 + 4 * i: 8 + 4 * i]
     agents[name] = ((e - s) / ticks, hwm / 1024, rss / 1024)
 print(f"window: {secs:.0f} s; vigil wrote {samples:.0f} samples, collectd {cd_rows:.0f} values")
-print(f"{'':16}{'CPU s':>8}{'CPU s/min':>11}{'peak RSS MiB':>14}{'RSS MiB':>9}")
+print(f"{'':20}{'CPU s':>8}{'CPU s/min':>11}{'peak RSS MiB':>14}{'RSS MiB':>9}")
 for name, (cpu, hwm, rss) in agents.items():
-    print(f"{name:16}{cpu:>8.2f}{cpu * 60 / secs:>11.3f}{hwm:>14.1f}{rss:>9.1f}")
+    print(f"{name:20}{cpu:>8.2f}{cpu * 60 / secs:>11.3f}{hwm:>14.1f}{rss:>9.1f}")
 v, c, n = agents["vigil"], agents["collectd"], agents["node_exporter"]
-print(f"vigil / collectd:      CPU {v[0] / c[0]:.2f}x, peak RSS {v[1] / c[1]:.2f}x, RSS {v[2] / c[2]:.2f}x")
-print(f"vigil / node_exporter: CPU {v[0] / n[0]:.2f}x, peak RSS {v[1] / n[1]:.2f}x, RSS {v[2] / n[2]:.2f}x")
+v5 = agents["vigil (5 sections)"]
+def ratio(a, b):
+    return f"CPU {a[0] / b[0]:.2f}x, peak RSS {a[1] / b[1]:.2f}x, RSS {a[2] / b[2]:.2f}x"
+print(f"vigil / collectd:              {ratio(v, c)}")
+print(f"vigil (5 sections) / collectd: {ratio(v5, c)}")
+print(f"vigil / node_exporter:         {ratio(v, n)}")
 PY
