@@ -1,5 +1,6 @@
-//! Faults injected under the scheduler: PostgreSQL stopped across fire times. Every
-//! firing still leaves exactly one ledger row.
+//! Faults injected under the scheduler and the store: PostgreSQL stopped across fire
+//! times (every firing still leaves exactly one ledger row), a stalled server, a
+//! killed session.
 
 mod common;
 
@@ -400,4 +401,57 @@ async fn samples_and_ledger_rows_queued_at_shutdown_survive_a_restart() {
     );
     drop(second);
     store.close().await;
+}
+
+/// Samples and run outcomes go through one kept ("hot") connection. When its session
+/// is killed under it, the write that finds out fails, and the next one must land on
+/// a new session: a dead connection kept in the slot would fail every write after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_hot_connection_is_let_go_and_the_next_write_lands_on_a_new_session() {
+    let db = common::TestDb::new().await;
+    let at = |s: i64| {
+        DateTime::<Utc>::from_timestamp(Utc::now().timestamp() - 60 + s, 0).expect("a time")
+    };
+    let sample = r#"{"v":1,"cpu":{"usage_pct":1.5}}"#;
+    let hot_session = async || -> i32 {
+        sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()
+               AND query LIKE '%INSERT INTO system_metrics_1m%'",
+        )
+        .fetch_one(db.pool())
+        .await
+        .expect("the hot connection's session")
+    };
+    db.store
+        .insert_samples("h", &[(at(0), sample)])
+        .await
+        .unwrap();
+    let killed = hot_session().await;
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
+        .bind(killed)
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert!(terminated);
+
+    // The server has ended the session: this write cannot land.
+    let failed = db.store.insert_samples("h", &[(at(1), sample)]).await;
+    assert!(
+        failed.is_err(),
+        "a write on a killed session reported success"
+    );
+    for s in 2..5 {
+        db.store
+            .insert_samples("h", &[(at(s), sample)])
+            .await
+            .unwrap_or_else(|e| panic!("write {s} after the kill: {e}"));
+    }
+    assert_ne!(hot_session().await, killed, "a new session");
+    let times: Vec<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT ts FROM system_metrics WHERE host = 'h' ORDER BY ts")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(times, [at(0), at(2), at(3), at(4)]);
 }

@@ -334,10 +334,9 @@ impl Store {
                 return Err(StoreError::Query(sqlx::Error::PoolClosed));
             };
             let result = write(conn).await;
-            // An error the server answered leaves the session ready for the next one.
             guard.done = match &result {
                 Ok(_) => true,
-                Err(e) => matches!(e, sqlx::Error::Database(_)),
+                Err(e) => session_survives(e),
             };
             Ok(result?)
         })
@@ -400,6 +399,20 @@ impl Store {
 }
 
 /// A hot connection only where the pool has another one for everything else.
+/// Whether the session is still usable after `e`: an error the server answered leaves
+/// it ready for the next statement, unless the server said the session is over (a
+/// FATAL error: terminated by an administrator, the server shutting down).
+fn session_survives(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>())
+        .is_some_and(|pg| {
+            !matches!(
+                pg.severity(),
+                sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic
+            )
+        })
+}
+
 fn hot_slot(pool: &PgPool) -> Option<Arc<tokio::sync::Mutex<Option<PoolConnection<Postgres>>>>> {
     (pool.options().get_max_connections() >= 2).then(|| Arc::new(tokio::sync::Mutex::new(None)))
 }
