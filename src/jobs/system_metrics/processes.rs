@@ -252,7 +252,7 @@ pub struct ProcStat {
 }
 
 /// A kept `stat` file read again into `buf`: `None` once its process is gone.
-pub fn read_stat_at(file: &std::fs::File, buf: &mut Vec<u8>) -> Option<ProcStat> {
+fn read_stat_at(file: &std::fs::File, buf: &mut Vec<u8>) -> Option<ProcStat> {
     read_whole_at(file, buf).ok()?;
     parse_stat(buf)
 }

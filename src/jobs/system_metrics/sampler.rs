@@ -95,9 +95,8 @@ pub struct Sampler {
     prober: Prober,
     files: Files,
     slow: Slow,
-    /// vigil's own `/proc/self/stat`, kept open (read again with one `pread`).
-    own_stat: Option<std::fs::File>,
-    own_buf: Vec<u8>,
+    /// vigil's own `/proc/self/stat`.
+    own_stat: KeptFile,
     /// Clock ticks per second and page size, for `stat`'s figures.
     ticks_per_s: u64,
     page_size: u64,
@@ -169,8 +168,7 @@ impl Sampler {
             },
             slow: Slow::default(),
             root,
-            own_stat: std::fs::File::open("/proc/self/stat").ok(),
-            own_buf: Vec::with_capacity(1024),
+            own_stat: KeptFile::new("/proc/self/stat"),
             ticks_per_s,
             page_size,
             // Pretend the minimum interval has passed: this baseline is discarded, and
@@ -501,7 +499,7 @@ impl Sampler {
     }
 
     fn own_process(&mut self, elapsed: f64) -> Option<OwnProcess> {
-        let stat = super::processes::read_stat_at(self.own_stat.as_ref()?, &mut self.own_buf)?;
+        let stat = super::processes::parse_stat(self.own_stat.read()?)?;
         let ticks = stat.utime.saturating_add(stat.stime);
         let cpu_ms = ticks.saturating_mul(1000) / self.ticks_per_s.max(1);
         let used = self
@@ -619,6 +617,34 @@ mod tests {
                 ("eth0".to_owned(), [5120, 8192, 40, 35, 1, 2]),
                 ("lo".to_owned(), [1000, 1000, 10, 10, 0, 0]),
             ]
+        );
+    }
+
+    #[test]
+    fn the_self_section_sees_this_process_use_cpu_and_hold_memory() {
+        let config = SystemMetricsConfig {
+            collect: vec![Collect::Own],
+            ..SystemMetricsConfig::default()
+        };
+        let mut sampler = Sampler::new(&config).unwrap();
+        let start = Instant::now();
+        let mut spin = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(300) {
+            spin = spin.wrapping_add(std::hint::black_box(1));
+        }
+        std::hint::black_box(spin);
+        let own = sampler.sample().own.expect("the self section");
+        assert!(own.cpu_pct > 10.0, "spun 300 ms: {}", own.cpu_pct);
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let rss_kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap();
+        let rss = own.rss_bytes as f64 / 1024.0;
+        assert!(
+            (rss - rss_kib as f64).abs() < rss_kib as f64 * 0.5,
+            "stat's {rss} KiB against status's {rss_kib} KiB"
         );
     }
 
