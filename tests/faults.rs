@@ -409,9 +409,8 @@ async fn samples_and_ledger_rows_queued_at_shutdown_survive_a_restart() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_hot_connection_is_let_go_and_the_next_write_lands_on_a_new_session() {
     let db = common::TestDb::new().await;
-    let at = |s: i64| {
-        DateTime::<Utc>::from_timestamp(Utc::now().timestamp() - 60 + s, 0).expect("a time")
-    };
+    let base = Utc::now().timestamp() - 60;
+    let at = |s: i64| DateTime::<Utc>::from_timestamp(base + s, 0).expect("a time");
     let sample = r#"{"v":1,"cpu":{"usage_pct":1.5}}"#;
     let hot_session = async || -> i32 {
         sqlx::query_scalar(
