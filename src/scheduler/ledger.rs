@@ -255,18 +255,18 @@ async fn writer(w: Writer, mut rx: mpsc::UnboundedReceiver<Op>) {
             // A short run's start and end arrive milliseconds apart: gather a moment
             // so they go as one row, unless someone waits for the write. Once every
             // run started in the batch has ended, nothing more is worth waiting for:
-            // written at once, without a timer's wake-up.
+            // written at once.
             let until = tokio::time::Instant::now() + GATHER;
             let mut open = Vec::new();
             if let Some(first) = pending.back() {
-                note_open(&mut open, first);
+                note_open(&mut open, first.id, first.finished_at.is_some());
             }
             while !open.is_empty() && waiters.is_empty() && close.is_none() && pending.len() < BATCH
             {
                 match tokio::time::timeout_at(until, rx.recv()).await {
                     Ok(Some(op)) => {
                         if let Op::Record(r) = &op {
-                            note_open(&mut open, r);
+                            note_open(&mut open, r.id, r.finished_at.is_some());
                         }
                         take(op, &mut pending, &mut waiters, &mut close);
                     }
@@ -379,11 +379,11 @@ async fn wait_or_take(
 }
 
 /// Keeps `open` the runs whose start the batch holds but not yet their end.
-fn note_open(open: &mut Vec<Uuid>, r: &RunRecord) {
-    if r.finished_at.is_none() {
-        open.push(r.id);
+fn note_open(open: &mut Vec<Uuid>, run: Uuid, finished: bool) {
+    if finished {
+        open.retain(|id| *id != run);
     } else {
-        open.retain(|id| *id != r.id);
+        open.push(run);
     }
 }
 
@@ -449,48 +449,19 @@ fn coalesce<'a>(records: impl Iterator<Item = &'a RunRecord>) -> Vec<RunRecord> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{RunStatus, Trigger};
-
-    fn record(id: Uuid, finished: bool) -> RunRecord {
-        let at = chrono::Utc::now();
-        RunRecord {
-            id,
-            job: "j".into(),
-            kind: "command".into(),
-            trigger: Trigger::Schedule,
-            attempt: 1,
-            retry_of: None,
-            scheduled_at: at,
-            started_at: at,
-            finished_at: finished.then_some(at),
-            status: if finished {
-                RunStatus::Succeeded
-            } else {
-                RunStatus::Running
-            },
-            items: None,
-            error: None,
-            host: "h".into(),
-            permanent: false,
-            retry_after_ms: None,
-            input: None,
-            output: None,
-            resources: None,
-        }
-    }
 
     #[test]
     fn a_batch_waits_only_while_a_run_it_holds_the_start_of_has_not_ended() {
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         let mut open = Vec::new();
-        note_open(&mut open, &record(a, false));
-        note_open(&mut open, &record(b, false));
-        note_open(&mut open, &record(a, true));
+        note_open(&mut open, a, false);
+        note_open(&mut open, b, false);
+        note_open(&mut open, a, true);
         assert_eq!(open, [b], "b's end may still come");
-        note_open(&mut open, &record(b, true));
+        note_open(&mut open, b, true);
         assert!(open.is_empty(), "both ended: nothing left to gather");
         // A run recorded only at its end (skipped, abandoned) opens nothing.
-        note_open(&mut open, &record(Uuid::new_v4(), true));
+        note_open(&mut open, Uuid::new_v4(), true);
         assert!(open.is_empty());
     }
 }

@@ -130,10 +130,7 @@ impl HostFiles {
     }
 
     pub fn cpu_ticks(&mut self) -> Vec<CpuTicks> {
-        self.stat
-            .read_str()
-            .map(parse_cpu_ticks)
-            .unwrap_or_default()
+        self.stat.parse_or_default(parse_cpu_ticks)
     }
 
     pub fn memory(&mut self) -> Option<MemInfo> {

@@ -48,6 +48,12 @@ impl KeptFile {
     pub fn read_str(&mut self) -> Option<&str> {
         self.read().and_then(|b| std::str::from_utf8(b).ok())
     }
+
+    /// The file's text through `parse`; what an unreadable file gives, `T`'s default
+    /// (no mounts, no interfaces): a sample goes on without it.
+    pub fn parse_or_default<T: Default>(&mut self, parse: impl FnOnce(&str) -> T) -> T {
+        self.read_str().map(parse).unwrap_or_default()
+    }
 }
 
 /// The whole of `file` from its start into `buf`, without moving its offset.

@@ -242,14 +242,10 @@ impl Sampler {
             let mounts = self
                 .files
                 .mountinfo
-                .read_str()
-                .map(disks::parse_mountinfo)
-                .unwrap_or_default();
+                .parse_or_default(disks::parse_mountinfo);
             // Through a host root: where the host's mounts appear in this process's view.
             let visible: Option<HashSet<PathBuf>> = self.files.own_mountinfo.as_mut().map(|f| {
-                f.read_str()
-                    .map(disks::parse_mountinfo)
-                    .unwrap_or_default()
+                f.parse_or_default(disks::parse_mountinfo)
                     .into_iter()
                     .map(|m| PathBuf::from(m.mount_point))
                     .collect()
@@ -257,9 +253,7 @@ impl Sampler {
             let stats = self
                 .files
                 .diskstats
-                .read_str()
-                .map(disks::parse_diskstats)
-                .unwrap_or_default();
+                .parse_or_default(disks::parse_diskstats);
             let mut seen = HashMap::new();
             let mut out = Vec::new();
             for m in mounts {
@@ -353,12 +347,7 @@ impl Sampler {
         });
 
         let network = self.wants(Collect::Network).then(|| {
-            let counters = self
-                .files
-                .net_dev
-                .read_str()
-                .map(parse_net_dev)
-                .unwrap_or_default();
+            let counters = self.files.net_dev.parse_or_default(parse_net_dev);
             let mut seen = HashMap::new();
             let mut interfaces = Vec::new();
             let mut total = Traffic::default();
