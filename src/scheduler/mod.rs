@@ -1074,7 +1074,7 @@ async fn dispatch(inner: Arc<Inner>, mut ticks: mpsc::UnboundedReceiver<Tick>) {
         }
         // Re-arm from the later of the due time and now: after a long stall (suspend,
         // clock jump) the missed firings collapse into this one instead of a burst.
-        inner.arm_next(&slot, tick.due.max(inner.clock.now())).await;
+        let next_after = tick.due.max(inner.clock.now());
         let inner2 = inner.clone();
         inner.tracker.spawn(async move {
             let wait = (tick.at - inner2.clock.now())
@@ -1091,6 +1091,10 @@ async fn dispatch(inner: Arc<Inner>, mut ticks: mpsc::UnboundedReceiver<Tick>) {
             {
                 return;
             }
+            // Armed only now, so a job waits for one firing at a time: a firing within
+            // the timer's lead is announced at once and would otherwise arm the next,
+            // and that the next, up to the lead ahead.
+            inner2.arm_next(&slot, next_after).await;
             match inner2.claim(&slot, tick.due).await {
                 Claim::Won => {}
                 Claim::Lost => return,
@@ -1181,6 +1185,44 @@ async fn dispatch(inner: Arc<Inner>, mut ticks: mpsc::UnboundedReceiver<Tick>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jobs::{JobError, RunContext, RunOutcome};
+
+    struct Quick;
+
+    #[async_trait::async_trait]
+    impl Job for Quick {
+        async fn run(&self, _ctx: RunContext) -> Result<RunOutcome, JobError> {
+            Ok(RunOutcome::Completed { items: None })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_waits_for_one_firing_at_a_time_however_close_its_firings() {
+        let text = "[[jobs]]\nname = \"fast\"\nkind = \"command\"\nevery = \"1s\"\n\
+                    [jobs.settings]\ncommand = [\"true\"]\n";
+        let spec = crate::config::parse_jobs(
+            std::path::Path::new("t.toml"),
+            text,
+            &crate::jobs::Registry::builtin(),
+        )
+        .unwrap()
+        .jobs
+        .remove(0);
+        let (sched, _db) = Scheduler::in_memory("h");
+        sched.add(spec, Arc::new(Quick)).await.unwrap();
+        sched.start().await.unwrap();
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            // The next firing waiting for its instant, and at most one run.
+            assert!(
+                sched.inner.tracker.len() <= 2,
+                "{} tasks for a job every second",
+                sched.inner.tracker.len()
+            );
+        }
+        assert!(sched.records_made() >= 9, "{} runs", sched.records_made());
+        sched.shutdown(Duration::from_secs(1)).await;
+    }
 
     #[test]
     fn an_unclaimed_firing_has_one_id_everywhere_carrying_its_time() {

@@ -7,7 +7,13 @@
 //! next DST change). Traps avoided here:
 //! - the crate stores ticks in whole seconds and polls every 500 ms, so a one-shot can
 //!   fire up to a second early or half a second late: we arm it [`LEAD`] early and the
-//!   dispatcher waits out the remainder, so a run starts on its exact instant;
+//!   dispatcher waits out the remainder on tokio's timer, so a run starts on its exact
+//!   instant;
+//! - that poll wakes the process four times a second (two ticks, each also woken early
+//!   by tokio's timer wheel) whether or not anything is armed: a firing within
+//!   [`LEAD`] is announced at once, without the crate, and the crate is started only
+//!   when a firing further away is first armed. A deployment whose jobs all fire at
+//!   least once a minute never starts it;
 //! - a job callback must never add or remove jobs (the crate's locks deadlock): ours
 //!   only sends an event on a channel; re-arming happens in the dispatcher task;
 //! - it needs a multi-threaded tokio runtime, which `main` and the tests use.
@@ -22,8 +28,9 @@ use uuid::Uuid;
 
 use super::clock::Clock;
 
-/// How far ahead of a firing the crate's one-shot is armed.
-pub const LEAD: Duration = Duration::from_millis(1500);
+/// How far ahead of a firing the crate's one-shot is armed; a firing this close is
+/// announced at once and waited for on tokio's timer (one sleeping task per job).
+pub const LEAD: Duration = Duration::from_secs(60);
 
 /// A firing announced by the clock.
 #[derive(Debug, Clone)]
@@ -52,6 +59,8 @@ pub trait Timer: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct CronTimer {
     sched: JobScheduler,
+    /// Set once the crate's ticker runs (see the module's notes).
+    started: Arc<tokio::sync::OnceCell<()>>,
     ticks: UnboundedSender<Tick>,
     clock: Arc<dyn Clock>,
 }
@@ -64,25 +73,30 @@ impl CronTimer {
         let sched = JobScheduler::new().await?;
         Ok(Self {
             sched,
+            started: Arc::new(tokio::sync::OnceCell::new()),
             ticks,
             clock,
         })
+    }
+
+    /// Whether the crate's ticker has been started.
+    pub fn crate_started(&self) -> bool {
+        self.started.initialized()
     }
 }
 
 #[async_trait::async_trait]
 impl Timer for CronTimer {
     async fn start(&self) -> Result<(), JobSchedulerError> {
-        self.sched.start().await
+        // The crate starts with the first firing armed beyond the lead.
+        Ok(())
     }
 
     async fn arm(&self, tick: Tick) -> Result<Uuid, JobSchedulerError> {
         let until_due = (tick.at - self.clock.now())
             .to_std()
             .unwrap_or(Duration::ZERO);
-        // Within the lead already (the first firing after a start, say): announce it
-        // now and let the dispatcher wait for the instant; the crate would fire a
-        // one-shot in the past only at its next tick, up to half a second late.
+        // Within the lead: announce it now and let the dispatcher wait for the instant.
         if until_due <= LEAD {
             let _ = self.ticks.send(tick);
             return Ok(Uuid::new_v4());
@@ -97,10 +111,17 @@ impl Timer for CronTimer {
                 let _ = tx.send(tick);
             })
         })?;
+        self.started
+            .get_or_try_init(|| async { self.sched.start().await })
+            .await?;
         self.sched.add(job).await
     }
 
     async fn disarm(&self, id: Uuid) {
+        // Before the crate starts, every firing was announced at once: nothing to take back.
+        if !self.crate_started() {
+            return;
+        }
         if let Err(e) = self.sched.remove(&id).await {
             tracing::debug!(error = %e, "timer already fired or gone");
         }
@@ -108,7 +129,9 @@ impl Timer for CronTimer {
 
     async fn shutdown(&self) {
         let mut sched = self.sched.clone();
-        if let Err(e) = sched.shutdown().await {
+        if self.crate_started()
+            && let Err(e) = sched.shutdown().await
+        {
             tracing::warn!(error = %e, "stopping the timer");
         }
         // The crate's tasks log an error when its channels close, which they do when
@@ -169,5 +192,46 @@ impl Timer for TokioTimer {
         for (_, task) in self.armed().drain() {
             task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheduler::clock::SystemClock;
+
+    fn tick(in_secs: i64) -> Tick {
+        let at = chrono::Utc::now() + chrono::Duration::seconds(in_secs);
+        Tick {
+            job: "j".to_owned(),
+            generation: 1,
+            due: at,
+            at,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_crate_ticks_only_once_a_firing_beyond_the_lead_is_armed() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let timer = CronTimer::new(tx, Arc::new(SystemClock)).await.unwrap();
+        timer.start().await.unwrap();
+
+        timer.arm(tick(2)).await.unwrap();
+        assert!(
+            rx.try_recv().is_ok(),
+            "a firing 2 s away is announced at once"
+        );
+        timer.arm(tick(LEAD.as_secs() as i64 - 1)).await.unwrap();
+        assert!(rx.try_recv().is_ok(), "and one just within the lead");
+        assert!(!timer.crate_started());
+
+        let far = timer.arm(tick(600)).await.unwrap();
+        assert!(timer.crate_started());
+        assert!(
+            rx.try_recv().is_err(),
+            "a firing 10 min away waits in the crate"
+        );
+        timer.disarm(far).await;
+        timer.shutdown().await;
     }
 }
