@@ -708,26 +708,32 @@ fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
 }
 
-/// Each second: staleness, stuck runs, and the health metrics.
+/// Staleness, stuck runs, and the health metrics: each second where a rule asks for
+/// them (they are the clock's doing); else health changes only with runs (handled as
+/// events), and a look every [`IDLE_EVALUATE_EVERY`] keeps the gauges and other
+/// replicas' news current, without waking the process each second to find nothing.
 async fn evaluate_loop(inner: Arc<Inner>) {
-    let mut tick = tokio::time::interval(EVALUATE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last: Option<Instant> = None;
+    // tokio's clock, which paused-time tests drive.
+    let mut next = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = inner.stop.cancelled() => return,
-            _ = tick.tick() => {}
+            () = tokio::time::sleep_until(next) => {}
         }
-        // Staleness and lateness are the clock's doing: judged every second where a
-        // rule asks for them; else health changes only with runs (handled as events),
-        // and a look now and then keeps the gauges and other replicas' news current.
-        if !watches_the_clock(&inner) && last.is_some_and(|t| t.elapsed() < IDLE_EVALUATE_EVERY) {
-            continue;
-        }
-        last = Some(Instant::now());
+        let started = tokio::time::Instant::now();
         if let Err(e) = evaluate(&inner).await {
             tracing::debug!(error = %e, "job health not evaluated this time");
         }
+        // A rule added by a reload is watched from the next look on.
+        next = started + evaluate_every(&inner);
+    }
+}
+
+fn evaluate_every(inner: &Inner) -> Duration {
+    if watches_the_clock(inner) {
+        EVALUATE_EVERY
+    } else {
+        IDLE_EVALUATE_EVERY
     }
 }
 
