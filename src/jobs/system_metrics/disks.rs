@@ -6,7 +6,9 @@
 //! bounded wait: each `statvfs` runs on a worker thread with a deadline; a worker that
 //! misses it is left behind with that mount, which is then reported unresponsive and
 //! skipped, without a new thread, until the stuck call returns. So however long a
-//! mount hangs, at most one thread waits on it.
+//! mount hangs, at most one thread waits on it. Local disk file systems ([`LOCAL_FS`])
+//! answer `statvfs` from their superblock in memory, so they are asked directly: the
+//! hand-off to the worker and back was two thread wake-ups a sample.
 
 use std::collections::HashMap;
 use std::io;
@@ -16,6 +18,13 @@ use std::time::{Duration, Instant};
 
 /// How long one mount's statistics may take before it counts as unresponsive.
 pub const STAT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// File systems whose `statvfs` answers from memory (no server, daemon or pool to wait
+/// on), so it runs on the sampling thread.
+pub const LOCAL_FS: &[&str] = &[
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "vfat", "exfat", "ntfs3", "tmpfs", "ramfs",
+    "squashfs", "erofs", "iso9660",
+];
 
 /// One line of mountinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -264,7 +273,14 @@ impl Prober {
         self.stuck.len()
     }
 
-    pub fn probe(&mut self, path: &Path) -> Probe {
+    /// `path`'s space; `fs_type` says whether it may hang (see [`LOCAL_FS`]).
+    pub fn probe(&mut self, path: &Path, fs_type: &str) -> Probe {
+        if LOCAL_FS.contains(&fs_type) {
+            return match (self.stat)(path) {
+                Ok(space) => Probe::Space(space),
+                Err(e) => Probe::Failed(e.to_string()),
+            };
+        }
         if let Some((since, worker)) = self.stuck.get(path) {
             match worker.answers.try_recv() {
                 // It answered at last: that worker ends, and the mount is probed anew.
@@ -384,20 +400,20 @@ mod tests {
             inodes: 10,
             inodes_free: 5,
         });
-        assert_eq!(p.probe(Path::new("/")), ok);
+        assert_eq!(p.probe(Path::new("/"), "nfs4"), ok);
         let t = Instant::now();
         assert!(matches!(
-            p.probe(Path::new("/hang")),
+            p.probe(Path::new("/hang"), "nfs4"),
             Probe::Unresponsive { .. }
         ));
         assert!(t.elapsed() < Duration::from_secs(1));
         // The next mounts still answer, on a fresh thread.
-        assert_eq!(p.probe(Path::new("/srv")), ok);
+        assert_eq!(p.probe(Path::new("/srv"), "fuse.sshfs"), ok);
         // Sample after sample, the hung mount is skipped at once, with no new thread.
         for _ in 0..20 {
             let t = Instant::now();
             assert!(matches!(
-                p.probe(Path::new("/hang")),
+                p.probe(Path::new("/hang"), "nfs4"),
                 Probe::Unresponsive { .. }
             ));
             assert!(t.elapsed() < Duration::from_millis(50));
@@ -411,8 +427,34 @@ mod tests {
         // Once it answers, it is probed again like any other.
         RELEASE.store(true, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(p.probe(Path::new("/hang")), ok);
+        assert_eq!(p.probe(Path::new("/hang"), "nfs4"), ok);
         assert_eq!(p.stuck_threads(), 0);
+    }
+
+    #[test]
+    fn a_local_file_system_is_asked_on_the_sampling_thread_and_others_on_the_worker() {
+        thread_local! {
+            static HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        }
+        fn where_asked(_: &Path) -> io::Result<Space> {
+            Ok(Space {
+                total_bytes: u64::from(HERE.with(|h| h.get())),
+                available_bytes: 0,
+                inodes: 0,
+                inodes_free: 0,
+            })
+        }
+        HERE.with(|h| h.set(true));
+        let mut p = Prober::new(where_asked, Duration::from_secs(5));
+        let on_this_thread = |probe: Probe| match probe {
+            Probe::Space(s) => s.total_bytes == 1,
+            other => panic!("{other:?}"),
+        };
+        assert!(on_this_thread(p.probe(Path::new("/"), "ext4")));
+        assert!(on_this_thread(p.probe(Path::new("/tmp"), "tmpfs")));
+        assert!(!on_this_thread(p.probe(Path::new("/mnt"), "nfs4")));
+        assert!(!on_this_thread(p.probe(Path::new("/fuse"), "fuse.sshfs")));
+        assert!(!on_this_thread(p.probe(Path::new("/tank"), "zfs")));
     }
 
     #[test]

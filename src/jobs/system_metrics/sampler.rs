@@ -262,7 +262,7 @@ impl Sampler {
                     continue;
                 }
                 let path = self.root.join(m.mount_point.trim_start_matches('/'));
-                let space = match self.prober.probe(&path) {
+                let space = match self.prober.probe(&path, &m.fs_type) {
                     // Through a host root, a mount the host made after the root was
                     // bind-mounted without propagation is not there: the directory
                     // beneath it is, and its numbers would be another file system's.
