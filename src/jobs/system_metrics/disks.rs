@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use super::kept::KeptFile;
+
 /// How long one mount's statistics may take before it counts as unresponsive.
 pub const STAT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -65,6 +67,41 @@ const PSEUDO_FS: &[&str] = &[
 /// mounted into a container and `1`, its init).
 pub fn mountinfo_path(root: &Path, pid: &str) -> PathBuf {
     root.join("proc").join(pid).join("mountinfo")
+}
+
+/// A `mountinfo` file, parsed again only after the kernel announces a change: reading
+/// it renders every mount afresh (a twentieth of a one-second host job's CPU), and
+/// mounts change seldom.
+#[derive(Debug)]
+pub struct MountTable {
+    file: KeptFile,
+    mounts: Option<Vec<Mount>>,
+    /// Times the file was read, for tests.
+    reads: u64,
+}
+
+impl MountTable {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            file: KeptFile::new(path),
+            mounts: None,
+            reads: 0,
+        }
+    }
+
+    /// The mounts now; none while the file cannot be read (tried again next time).
+    pub fn mounts(&mut self) -> &[Mount] {
+        if self.mounts.is_none() || self.file.announced_change() {
+            self.reads += 1;
+            self.mounts = self.file.read_str().map(parse_mountinfo);
+        }
+        self.mounts.as_deref().unwrap_or_default()
+    }
+
+    #[cfg(test)]
+    pub fn reads(&self) -> u64 {
+        self.reads
+    }
 }
 
 /// A `mountinfo` text: the visible mount of each mount point, pseudo file systems and
@@ -455,6 +492,70 @@ mod tests {
         assert!(!on_this_thread(p.probe(Path::new("/mnt"), "nfs4")));
         assert!(!on_this_thread(p.probe(Path::new("/fuse"), "fuse.sshfs")));
         assert!(!on_this_thread(p.probe(Path::new("/tank"), "zfs")));
+    }
+
+    #[test]
+    fn the_mount_table_is_read_again_only_after_the_kernel_announces_a_mount() {
+        // A shell in a mount namespace of its own mounts a tmpfs when told (by a file
+        // appearing), so the test's own mounts stay as they are.
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        let go = dir.path().join("go");
+        std::fs::create_dir(&target).unwrap();
+        let script = format!(
+            "while [ ! -e {go} ]; do sleep 0.02; done; mount -t tmpfs vigil-test {t} && sleep 30",
+            go = go.display(),
+            t = target.display()
+        );
+        struct KillOnDrop(std::process::Child);
+        impl Drop for KillOnDrop {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let Ok(child) = std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .spawn()
+        else {
+            eprintln!("no unshare here: not checked");
+            return;
+        };
+        let mut child = KillOnDrop(child);
+        // Opened before the shell has its own namespace, the file would show ours.
+        let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ns(&child.0.id().to_string()) == ns("self") {
+            assert!(Instant::now() < deadline, "unshare never ran");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut table = MountTable::new(format!("/proc/{}/mountinfo", child.0.id()));
+        let has_target = |t: &mut MountTable| {
+            t.mounts()
+                .iter()
+                .any(|m| Path::new(&m.mount_point) == target)
+        };
+        assert!(!has_target(&mut table));
+        let before = table.reads();
+        for _ in 0..20 {
+            assert!(!has_target(&mut table));
+        }
+        assert_eq!(table.reads(), before, "nothing mounted, nothing read again");
+
+        std::fs::write(&go, "").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !has_target(&mut table) {
+            if child.0.try_wait().unwrap().is_some() {
+                eprintln!("mount not permitted here: not checked");
+                return;
+            }
+            assert!(Instant::now() < deadline, "the new mount was never seen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let after = table.reads();
+        assert!(after > before);
+        assert!(has_target(&mut table));
+        assert_eq!(table.reads(), after, "read once per change");
     }
 
     #[test]

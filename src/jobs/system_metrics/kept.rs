@@ -44,6 +44,24 @@ impl KeptFile {
         Some(&self.buf)
     }
 
+    /// Whether a file that announces its changes through `poll` (a `mountinfo`:
+    /// `POLLPRI` after a mount or unmount in its namespace since the last poll) has
+    /// changed; `true` while it is not open, as nothing read can be trusted then.
+    pub fn announced_change(&self) -> bool {
+        use std::os::fd::AsRawFd as _;
+        let Some(file) = &self.file else {
+            return true;
+        };
+        let mut fd = libc::pollfd {
+            fd: file.as_raw_fd(),
+            events: libc::POLLPRI,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for a descriptor `file` keeps open; timeout 0.
+        let n = unsafe { libc::poll(&mut fd, 1, 0) };
+        n != 0 && (n < 0 || fd.revents & (libc::POLLPRI | libc::POLLERR | libc::POLLNVAL) != 0)
+    }
+
     /// [`KeptFile::read`] as text; a file that is not UTF-8 reads as `None`.
     pub fn read_str(&mut self) -> Option<&str> {
         self.read().and_then(|b| std::str::from_utf8(b).ok())

@@ -75,10 +75,10 @@ struct Slow {
 struct Files {
     host: HostFiles,
     net_dev: KeptFile,
-    mountinfo: KeptFile,
+    mountinfo: disks::MountTable,
     /// This process's own mounts, to tell which of the host's are visible through
     /// its root; only with a host root.
-    own_mountinfo: Option<KeptFile>,
+    own_mountinfo: Option<disks::MountTable>,
     diskstats: KeptFile,
     pressure: PressureFiles,
 }
@@ -159,10 +159,10 @@ impl Sampler {
             files: Files {
                 host: HostFiles::new(),
                 net_dev: KeptFile::new(root.join("proc").join(host_pid).join("net/dev")),
-                mountinfo: KeptFile::new(disks::mountinfo_path(&root, host_pid)),
+                mountinfo: disks::MountTable::new(disks::mountinfo_path(&root, host_pid)),
                 own_mountinfo: host_root
                     .is_some()
-                    .then(|| KeptFile::new(disks::mountinfo_path(Path::new("/"), "self"))),
+                    .then(|| disks::MountTable::new(disks::mountinfo_path(Path::new("/"), "self"))),
                 diskstats: KeptFile::new(root.join("proc/diskstats")),
                 pressure: PressureFiles::new(&root),
             },
@@ -239,15 +239,12 @@ impl Sampler {
 
         let mut unavailable = Vec::new();
         let disks = self.wants(Collect::Disk).then(|| {
-            let mounts = self
-                .files
-                .mountinfo
-                .parse_or_default(disks::parse_mountinfo);
+            let mounts = self.files.mountinfo.mounts().to_vec();
             // Through a host root: where the host's mounts appear in this process's view.
             let visible: Option<HashSet<PathBuf>> = self.files.own_mountinfo.as_mut().map(|f| {
-                f.parse_or_default(disks::parse_mountinfo)
-                    .into_iter()
-                    .map(|m| PathBuf::from(m.mount_point))
+                f.mounts()
+                    .iter()
+                    .map(|m| PathBuf::from(&m.mount_point))
                     .collect()
             });
             let stats = self
