@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::kept::read_whole_at;
+use super::kept::{KeptFile, read_whole_at};
 use super::sample::{ProcessUse, TopProcesses, round2};
 
 /// Most of a command line kept: enough to tell processes apart, bounded.
@@ -77,6 +77,16 @@ pub struct ProcessTable {
     open: HashMap<i32, Kept>,
     /// Processes the last listing found (the `processes` section reuses it).
     listed: u64,
+    /// `/proc/loadavg`, whose last figure is the last pid the kernel handed out, to a
+    /// process or a thread, in this pid namespace: while it stays the same, no process
+    /// can have started, so the processes known are all there are, less those gone,
+    /// and the listing of `/proc` (a tenth of a one-second host job's CPU) is skipped.
+    /// Only where `/proc` is this process's own namespace's (natively), which
+    /// `/proc/self` naming this process shows.
+    loadavg: Option<KeptFile>,
+    /// The last pid handed out when `previous` was last complete: every process was
+    /// listed, read and kept open, so one that is gone is told by its read failing.
+    complete_at: Option<u64>,
 }
 
 /// The kernel's clock ticks per second and page size, for `stat`'s figures.
@@ -110,6 +120,8 @@ impl ProcessTable {
             listed: 0,
             buf: Vec::with_capacity(1024),
             open: HashMap::new(),
+            loadavg: own_namespace(root).then(|| KeptFile::new(root.join("proc/loadavg"))),
+            complete_at: None,
         }
     }
 
@@ -118,30 +130,40 @@ impl ProcessTable {
     pub fn top(&mut self, n: usize, elapsed: f64, cmdline: bool) -> TopProcesses {
         let mut now: HashMap<i32, Seen> = HashMap::with_capacity(self.previous.len() + 16);
         let mut all: Vec<Read> = Vec::with_capacity(self.previous.len() + 16);
-        let entries = match std::fs::read_dir(&self.proc_dir) {
-            Ok(e) => e,
-            Err(_) => {
-                self.listed = 0;
-                return TopProcesses {
-                    by_cpu: Vec::new(),
-                    by_memory: Vec::new(),
-                };
+        // Read before the listing: a process started after it changes it for next time.
+        let last_pid = self
+            .loadavg
+            .as_mut()
+            .and_then(|f| f.read_str().and_then(parse_last_pid));
+        let known = last_pid.is_some() && last_pid == self.complete_at;
+        let pids: Vec<i32> = if known {
+            self.previous.keys().copied().collect()
+        } else {
+            match list_pids(&self.proc_dir) {
+                Some(pids) => pids,
+                None => {
+                    self.listed = 0;
+                    self.complete_at = None;
+                    return TopProcesses {
+                        by_cpu: Vec::new(),
+                        by_memory: Vec::new(),
+                    };
+                }
             }
         };
-        let mut listed = 0;
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            listed += 1;
+        // Without the listing, a known process that cannot be read is gone.
+        let mut listed = if known { 0 } else { pids.len() as u64 };
+        let mut complete = true;
+        for pid in pids {
             // Gone since the listing, or not ours to read: left out.
             let Some(stat) = self.read_stat(pid) else {
+                complete &= known;
                 continue;
             };
+            if known {
+                listed += 1;
+            }
+            complete &= self.open.contains_key(&pid);
             let ticks = stat.utime.saturating_add(stat.stime);
             let used = match self.previous.get(&pid) {
                 Some(p) if p.started == stat.starttime => ticks.saturating_sub(p.ticks),
@@ -171,6 +193,7 @@ impl ProcessTable {
         self.previous = now;
         self.baseline = true;
         self.listed = listed;
+        self.complete_at = if complete { last_pid } else { None };
 
         let mut by_cpu: Vec<&Read> = all.iter().collect();
         by_cpu.sort_by(|a, b| {
@@ -285,6 +308,30 @@ impl ProcessTable {
             .cloned()
             .unwrap_or_else(|| uid.to_string())
     }
+}
+
+/// The numeric entries of a `/proc`; `None` if it cannot be listed.
+fn list_pids(proc_dir: &Path) -> Option<Vec<i32>> {
+    let entries = std::fs::read_dir(proc_dir).ok()?;
+    Some(
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+            .collect(),
+    )
+}
+
+/// `/proc/loadavg`'s last figure: the last pid handed out.
+fn parse_last_pid(text: &str) -> Option<u64> {
+    text.split_ascii_whitespace().nth(4)?.parse().ok()
+}
+
+/// Whether `root`'s `/proc` is of this process's pid namespace (its `self` is us).
+fn own_namespace(root: &Path) -> bool {
+    std::fs::read_link(root.join("proc/self"))
+        .ok()
+        .and_then(|p| p.to_str()?.parse::<u32>().ok())
+        .is_some_and(|pid| pid == std::process::id())
 }
 
 /// What a sample needs of `/proc/<pid>/stat`.
@@ -578,6 +625,86 @@ mod tests {
                 "pid {pid}: {from_sched} ticks from schedstat, {from_stat} from stat"
             );
         }
+    }
+
+    #[test]
+    fn proc_is_listed_again_only_once_a_pid_was_handed_out() {
+        let root = tempfile::tempdir().unwrap();
+        let loadavg = |last: u32| {
+            std::fs::write(
+                root.path().join("proc/loadavg"),
+                format!("0.10 0.20 0.30 1/90 {last}\n"),
+            )
+            .unwrap()
+        };
+        put(root.path(), 10, "a", 1, 1, 1);
+        put(root.path(), 20, "b", 1, 2, 1);
+        loadavg(20);
+        let mut t = ProcessTable::new(root.path());
+        assert!(t.loadavg.is_none(), "a fake root is no namespace of ours");
+        t.loadavg = Some(KeptFile::new(root.path().join("proc/loadavg")));
+        t.top(5, 1.0, false);
+        assert_eq!(t.listed(), 2);
+
+        // A directory appearing without a pid handed out is not looked for (a real
+        // /proc cannot do that): proof the listing was skipped. One gone is dropped.
+        put(root.path(), 30, "c", 1, 3, 1);
+        // Emptied first: the kept descriptor of a fake file would read on after removal.
+        std::fs::write(root.path().join("proc/10/stat"), "").unwrap();
+        std::fs::remove_dir_all(root.path().join("proc/10")).unwrap();
+        let pids = |t: &mut ProcessTable| {
+            let mut p: Vec<i32> = t
+                .top(5, 1.0, false)
+                .by_memory
+                .iter()
+                .map(|p| p.pid)
+                .collect();
+            p.sort();
+            p
+        };
+        assert_eq!(pids(&mut t), [20]);
+        assert_eq!(t.listed(), 1);
+
+        // A pid handed out: listed again.
+        loadavg(30);
+        assert_eq!(pids(&mut t), [20, 30]);
+        assert_eq!(t.listed(), 2);
+    }
+
+    #[test]
+    fn a_process_started_or_ended_between_samples_is_seen_on_this_host() {
+        let mut t = ProcessTable::new(Path::new("/"));
+        assert!(t.loadavg.is_some(), "natively, /proc is our namespace's");
+        let listed = |t: &mut ProcessTable, pid: i32| {
+            t.top(usize::MAX, 1.0, false)
+                .by_memory
+                .iter()
+                .any(|p| p.pid == pid)
+        };
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        t.top(1, 1.0, false);
+        // A second look with no process started in between: the known ones, read again.
+        assert!(listed(&mut t, pid));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            !listed(&mut t, pid),
+            "gone, whether /proc was listed or not"
+        );
+        let mut next = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        assert!(
+            listed(&mut t, next.id() as i32),
+            "a new one is always found"
+        );
+        next.kill().unwrap();
+        next.wait().unwrap();
     }
 
     #[test]
