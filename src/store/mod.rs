@@ -85,7 +85,8 @@ pub struct Store {
     /// One connection of the pool kept out of it for the small writes every run makes
     /// (the ledger, samples, job health): sqlx 0.8 tests a connection with a round trip
     /// each time it goes back to the pool, which doubled the statements a one-second
-    /// job costs. `None` inside until first used or after a failure dropped it.
+    /// job costs; also for the paused jobs every replica reads every few seconds.
+    /// `None` inside until first used or after a failure dropped it.
     hot: Option<Arc<tokio::sync::Mutex<Option<PoolConnection<Postgres>>>>>,
 }
 
