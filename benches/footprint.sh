@@ -5,8 +5,9 @@
 # Prometheus node_exporter scraped every second. A second vigil runs the same job
 # collecting only what collectd's plugins collect (cpu, memory, disk, network, load),
 # for a like-for-like figure: the shipped job also reads every process each sample.
-# Reports each one's CPU seconds during the window, resident memory (peak VmHWM and at
-# the end VmRSS), and vigil's ratios.
+# Reports each one's CPU seconds during the window, resident memory (peak VmHWM, start-up
+# included; the largest VmRSS seen each second in the window; VmRSS at the end), and
+# vigil's ratios.
 #
 #   benches/footprint.sh [SECONDS]          (default 120)
 #
@@ -152,7 +153,23 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 ne_start=$(cpu_ticks "$ne_pid"); cd_start=$(cpu_ticks "$cd_pid"); vigil_start=$(cpu_ticks "$vigil_pid")
 vigil5_start=$(cpu_ticks "$vigil5_pid")
 cd_rows_start=$(psql -Atq "$cdb_url" -c 'SELECT count(*) FROM "values"')
-sleep "$SECONDS_TO_RUN"
+# The window, watching each agent's resident memory every second (one process, so the
+# watching starts none): the largest it reached while measured, after start-up.
+window_rss=$(python3 - "$SECONDS_TO_RUN" "$ne_pid" "$cd_pid" "$vigil_pid" "$vigil5_pid" <<'PY'
+import sys, time
+secs, pids = float(sys.argv[1]), sys.argv[2:]
+def rss(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+most = [rss(p) for p in pids]
+end = time.monotonic() + secs
+while (left := end - time.monotonic()) > 0:
+    time.sleep(min(1.0, left))
+    most = [max(m, rss(p)) for m, p in zip(most, pids)]
+print(*most)
+PY
+)
+read -r ne_wmax cd_wmax vigil_wmax vigil5_wmax <<<"$window_rss"
 ne_end=$(cpu_ticks "$ne_pid"); cd_end=$(cpu_ticks "$cd_pid"); vigil_end=$(cpu_ticks "$vigil_pid")
 vigil5_end=$(cpu_ticks "$vigil5_pid")
 status() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
@@ -160,25 +177,27 @@ samples=$(psql -Atq "$db_url" -c "SELECT count(*) FROM system_metrics")
 cd_rows=$(( $(psql -Atq "$cdb_url" -c 'SELECT count(*) FROM "values"') - cd_rows_start ))
 
 python3 - "$SECONDS_TO_RUN" "$ticks" "$samples" "$cd_rows" \
-  "$ne_start" "$ne_end" "$(status "$ne_pid" VmHWM)" "$(status "$ne_pid" VmRSS)" \
-  "$cd_start" "$cd_end" "$(status "$cd_pid" VmHWM)" "$(status "$cd_pid" VmRSS)" \
-  "$vigil_start" "$vigil_end" "$(status "$vigil_pid" VmHWM)" "$(status "$vigil_pid" VmRSS)" \
-  "$vigil5_start" "$vigil5_end" "$(status "$vigil5_pid" VmHWM)" "$(status "$vigil5_pid" VmRSS)" <<'PY'
+  "$ne_start" "$ne_end" "$(status "$ne_pid" VmHWM)" "$ne_wmax" "$(status "$ne_pid" VmRSS)" \
+  "$cd_start" "$cd_end" "$(status "$cd_pid" VmHWM)" "$cd_wmax" "$(status "$cd_pid" VmRSS)" \
+  "$vigil_start" "$vigil_end" "$(status "$vigil_pid" VmHWM)" "$vigil_wmax" "$(status "$vigil_pid" VmRSS)" \
+  "$vigil5_start" "$vigil5_end" "$(status "$vigil5_pid" VmHWM)" "$vigil5_wmax" "$(status "$vigil5_pid" VmRSS)" <<'PY'
 import sys
 a = list(map(float, sys.argv[1:]))
 secs, ticks, samples, cd_rows = a[:4]
 agents = {}
 for i, name in enumerate(["node_exporter", "collectd", "vigil", "vigil (5 sections)"]):
-    s, e, hwm, rss = a[4 + 4 * i: 8 + 4 * i]
-    agents[name] = ((e - s) / ticks, hwm / 1024, rss / 1024)
+    s, e, hwm, wmax, rss = a[4 + 5 * i: 9 + 5 * i]
+    agents[name] = ((e - s) / ticks, hwm / 1024, wmax / 1024, rss / 1024)
 print(f"window: {secs:.0f} s; vigil wrote {samples:.0f} samples, collectd {cd_rows:.0f} values")
-print(f"{'':20}{'CPU s':>8}{'CPU s/min':>11}{'peak RSS MiB':>14}{'RSS MiB':>9}")
-for name, (cpu, hwm, rss) in agents.items():
-    print(f"{name:20}{cpu:>8.2f}{cpu * 60 / secs:>11.3f}{hwm:>14.1f}{rss:>9.1f}")
+print("peak RSS: the largest ever (start-up included); window RSS: the largest while measured")
+print(f"{'':20}{'CPU s':>8}{'CPU s/min':>11}{'peak RSS MiB':>14}{'window RSS':>12}{'RSS MiB':>9}")
+for name, (cpu, hwm, wmax, rss) in agents.items():
+    print(f"{name:20}{cpu:>8.2f}{cpu * 60 / secs:>11.3f}{hwm:>14.1f}{wmax:>12.1f}{rss:>9.1f}")
 v, c, n = agents["vigil"], agents["collectd"], agents["node_exporter"]
 v5 = agents["vigil (5 sections)"]
 def ratio(a, b):
-    return f"CPU {a[0] / b[0]:.2f}x, peak RSS {a[1] / b[1]:.2f}x, RSS {a[2] / b[2]:.2f}x"
+    return (f"CPU {a[0] / b[0]:.2f}x, peak RSS {a[1] / b[1]:.2f}x, "
+            f"window RSS {a[2] / b[2]:.2f}x, RSS {a[3] / b[3]:.2f}x")
 print(f"vigil / collectd:              {ratio(v, c)}")
 print(f"vigil (5 sections) / collectd: {ratio(v5, c)}")
 print(f"vigil / node_exporter:         {ratio(v, n)}")
