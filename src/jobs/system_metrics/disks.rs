@@ -503,7 +503,7 @@ mod tests {
         let go = dir.path().join("go");
         std::fs::create_dir(&target).unwrap();
         let script = format!(
-            "while [ ! -e {go} ]; do sleep 0.02; done; mount -t tmpfs vigil-test {t} && sleep 30",
+            "while [ ! -e {go} ]; do sleep 0.02; done; mount -t tmpfs vigil-test {t} && exec sleep 30",
             go = go.display(),
             t = target.display()
         );
