@@ -140,10 +140,10 @@ impl HostFiles {
             .filter(|m| m.total > 0)
     }
 
-    /// The 1, 5 and 15 minute load averages.
-    pub fn load(&mut self) -> Option<(f64, f64, f64)> {
-        let l = procfs_core::LoadAverage::from_read(self.loadavg.read()?).ok()?;
-        Some((f64::from(l.one), f64::from(l.five), f64::from(l.fifteen)))
+    /// `/proc/loadavg`: the 1, 5 and 15 minute load averages, and the last pid handed
+    /// out (which the process table watches).
+    pub fn loadavg(&mut self) -> Option<procfs_core::LoadAverage> {
+        procfs_core::LoadAverage::from_read(self.loadavg.read()?).ok()
     }
 
     /// Whole seconds since boot.
@@ -237,7 +237,7 @@ mod tests {
         let m = files.memory().expect("meminfo");
         assert_eq!(m.total, sys.total_memory());
         assert_eq!(m.swap_total, sys.total_swap());
-        let (one, _, _) = files.load().expect("loadavg");
+        let one = files.loadavg().expect("loadavg").one;
         assert!(one >= 0.0);
         let up = files.uptime_s().expect("uptime");
         assert!(up.abs_diff(sysinfo::System::uptime().unwrap_or(0)) <= 1);

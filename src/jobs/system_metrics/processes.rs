@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::kept::{KeptFile, read_whole_at};
+use super::kept::read_whole_at;
 use super::sample::{ProcessUse, TopProcesses, round2};
 
 /// Most of a command line kept: enough to tell processes apart, bounded.
@@ -77,16 +77,14 @@ pub struct ProcessTable {
     open: HashMap<i32, Kept>,
     /// Processes the last listing found (the `processes` section reuses it).
     listed: u64,
-    /// `/proc/loadavg`, whose last figure is the last pid the kernel handed out, to a
-    /// process or a thread, in this pid namespace: while it stays the same, no process
-    /// can have started, so the processes known are all there are, less those gone,
-    /// and the listing of `/proc` (a tenth of a one-second host job's CPU) is skipped.
-    /// Only where `/proc` is this process's own namespace's (natively), which
-    /// `/proc/self` naming this process shows.
-    loadavg: Option<KeptFile>,
+    /// Whether `/proc` is this process's own pid namespace's (natively), which
+    /// `/proc/self` naming this process shows. Only then can the last pid handed out
+    /// (`/proc/loadavg`'s last figure, which counts in the reader's namespace) tell
+    /// that no process has started: see [`ProcessTable::top`].
+    own_namespace: bool,
     /// The last pid handed out when `previous` was last complete: every process was
     /// listed, read and kept open, so one that is gone is told by its read failing.
-    complete_at: Option<u64>,
+    complete_at: Option<u32>,
 }
 
 /// The kernel's clock ticks per second and page size, for `stat`'s figures.
@@ -120,21 +118,28 @@ impl ProcessTable {
             listed: 0,
             buf: Vec::with_capacity(1024),
             open: HashMap::new(),
-            loadavg: own_namespace(root).then(|| KeptFile::new(root.join("proc/loadavg"))),
+            own_namespace: own_namespace(root),
             complete_at: None,
         }
     }
 
     /// Reads every process; the `n` heaviest by CPU over the last `elapsed` seconds
     /// and the `n` heaviest by resident memory, with command lines when `cmdline`.
-    pub fn top(&mut self, n: usize, elapsed: f64, cmdline: bool) -> TopProcesses {
+    ///
+    /// `last_pid` is the last pid the kernel handed out, to a process or a thread, read
+    /// before this call. While it stays the same, no process can have started, so the
+    /// processes known are all there are, less those gone, and the listing of `/proc`
+    /// (a tenth of a one-second host job's CPU) is skipped.
+    pub fn top(
+        &mut self,
+        n: usize,
+        elapsed: f64,
+        cmdline: bool,
+        last_pid: Option<u32>,
+    ) -> TopProcesses {
         let mut now: HashMap<i32, Seen> = HashMap::with_capacity(self.previous.len() + 16);
         let mut all: Vec<Read> = Vec::with_capacity(self.previous.len() + 16);
-        // Read before the listing: a process started after it changes it for next time.
-        let last_pid = self
-            .loadavg
-            .as_mut()
-            .and_then(|f| f.read_str().and_then(parse_last_pid));
+        let last_pid = last_pid.filter(|_| self.own_namespace);
         let known = last_pid.is_some() && last_pid == self.complete_at;
         let pids: Vec<i32> = if known {
             self.previous.keys().copied().collect()
@@ -321,11 +326,6 @@ fn list_pids(proc_dir: &Path) -> Option<Vec<i32>> {
     )
 }
 
-/// `/proc/loadavg`'s last figure: the last pid handed out.
-fn parse_last_pid(text: &str) -> Option<u64> {
-    text.split_ascii_whitespace().nth(4)?.parse().ok()
-}
-
 /// Whether `root`'s `/proc` is of this process's pid namespace (its `self` is us).
 fn own_namespace(root: &Path) -> bool {
     std::fs::read_link(root.join("proc/self"))
@@ -468,7 +468,7 @@ mod tests {
         let mut t = ProcessTable::new(root.path());
         t.ticks_per_s = 100.0;
         t.page_size = 4096;
-        let first = t.top(5, 1.0, false);
+        let first = t.top(5, 1.0, false, None);
         assert!(
             first.by_cpu.iter().all(|p| p.cpu_pct == 0.0),
             "no interval yet"
@@ -479,7 +479,7 @@ mod tests {
         put(root.path(), 10, "idle one", 500, 1, 1000);
         put(root.path(), 20, "busy (x)", 150, 2, 10);
         put(root.path(), 30, "new", 20, 9, 5);
-        let top = t.top(2, 1.0, false);
+        let top = t.top(2, 1.0, false, None);
         let cpu: Vec<(i32, f64)> = top.by_cpu.iter().map(|p| (p.pid, p.cpu_pct)).collect();
         assert_eq!(cpu, [(20, 50.0), (30, 20.0)]);
         assert_eq!(
@@ -499,7 +499,7 @@ mod tests {
         assert_eq!(top.by_cpu[0].user, expected);
 
         put(root.path(), 40, "x", 0, 3, 1);
-        let with = t.top(1, 1.0, true);
+        let with = t.top(1, 1.0, true, None);
         assert_eq!(
             with.by_memory[0].cmdline.as_deref(),
             Some("idle one --flag value")
@@ -534,7 +534,7 @@ mod tests {
 
         // The table lets go of it and reads the rest.
         let mut t = ProcessTable::new(Path::new("/"));
-        t.top(1, 1.0, false);
+        t.top(1, 1.0, false, None);
         assert!(!t.open.contains_key(&pid));
         assert!(t.open.contains_key(&(std::process::id() as i32)));
     }
@@ -555,7 +555,7 @@ mod tests {
         put(root.path(), 10, "user", 100, 1, 10);
         let mut t = ProcessTable::new(root.path());
         t.ticks_per_s = 100.0;
-        t.top(5, 1.0, false);
+        t.top(5, 1.0, false, None);
         assert!(matches!(t.open.get(&7), Some(Kept::Kernel { .. })));
         assert!(matches!(t.open.get(&10), Some(Kept::Stat(_))));
 
@@ -564,7 +564,7 @@ mod tests {
         kthread(2_300_000_000);
         std::fs::remove_file(root.path().join("proc/7/stat")).unwrap();
         put(root.path(), 10, "user", 110, 1, 10);
-        let top = t.top(5, 1.0, false);
+        let top = t.top(5, 1.0, false, None);
         let cpu: Vec<(i32, &str, f64, u64)> = top
             .by_cpu
             .iter()
@@ -579,14 +579,14 @@ mod tests {
         kthread(0);
         std::fs::remove_file(root.path().join("proc/7/schedstat")).unwrap();
         let mut t = ProcessTable::new(root.path());
-        t.top(5, 1.0, false);
+        t.top(5, 1.0, false, None);
         assert!(matches!(t.open.get(&7), Some(Kept::Stat(_))));
     }
 
     #[test]
     fn this_hosts_kernel_threads_read_the_same_cpu_time_from_schedstat_as_from_stat() {
         let mut t = ProcessTable::new(Path::new("/"));
-        t.top(1, 1.0, false);
+        t.top(1, 1.0, false, None);
         let hz = t.ticks_per_s;
         let kernel: Vec<i32> = t
             .open
@@ -630,20 +630,12 @@ mod tests {
     #[test]
     fn proc_is_listed_again_only_once_a_pid_was_handed_out() {
         let root = tempfile::tempdir().unwrap();
-        let loadavg = |last: u32| {
-            std::fs::write(
-                root.path().join("proc/loadavg"),
-                format!("0.10 0.20 0.30 1/90 {last}\n"),
-            )
-            .unwrap()
-        };
         put(root.path(), 10, "a", 1, 1, 1);
         put(root.path(), 20, "b", 1, 2, 1);
-        loadavg(20);
         let mut t = ProcessTable::new(root.path());
-        assert!(t.loadavg.is_none(), "a fake root is no namespace of ours");
-        t.loadavg = Some(KeptFile::new(root.path().join("proc/loadavg")));
-        t.top(5, 1.0, false);
+        assert!(!t.own_namespace, "a fake root is no namespace of ours");
+        t.own_namespace = true;
+        t.top(5, 1.0, false, Some(20));
         assert_eq!(t.listed(), 2);
 
         // A directory appearing without a pid handed out is not looked for (a real
@@ -652,9 +644,9 @@ mod tests {
         // Emptied first: the kept descriptor of a fake file would read on after removal.
         std::fs::write(root.path().join("proc/10/stat"), "").unwrap();
         std::fs::remove_dir_all(root.path().join("proc/10")).unwrap();
-        let pids = |t: &mut ProcessTable| {
+        let pids = |t: &mut ProcessTable, last_pid: u32| {
             let mut p: Vec<i32> = t
-                .top(5, 1.0, false)
+                .top(5, 1.0, false, Some(last_pid))
                 .by_memory
                 .iter()
                 .map(|p| p.pid)
@@ -662,21 +654,30 @@ mod tests {
             p.sort();
             p
         };
-        assert_eq!(pids(&mut t), [20]);
+        assert_eq!(pids(&mut t, 20), [20]);
         assert_eq!(t.listed(), 1);
 
         // A pid handed out: listed again.
-        loadavg(30);
-        assert_eq!(pids(&mut t), [20, 30]);
+        assert_eq!(pids(&mut t, 30), [20, 30]);
         assert_eq!(t.listed(), 2);
     }
 
     #[test]
     fn a_process_started_or_ended_between_samples_is_seen_on_this_host() {
         let mut t = ProcessTable::new(Path::new("/"));
-        assert!(t.loadavg.is_some(), "natively, /proc is our namespace's");
+        assert!(t.own_namespace, "natively, /proc is our namespace's");
+        // Read before each look, as the sampler does.
+        let last_pid = || {
+            use procfs_core::FromRead as _;
+            let text = std::fs::read("/proc/loadavg").unwrap();
+            Some(
+                procfs_core::LoadAverage::from_read(text.as_slice())
+                    .unwrap()
+                    .latest_pid,
+            )
+        };
         let listed = |t: &mut ProcessTable, pid: i32| {
-            t.top(usize::MAX, 1.0, false)
+            t.top(usize::MAX, 1.0, false, last_pid())
                 .by_memory
                 .iter()
                 .any(|p| p.pid == pid)
@@ -686,7 +687,7 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id() as i32;
-        t.top(1, 1.0, false);
+        t.top(1, 1.0, false, last_pid());
         // A second look with no process started in between: the known ones, read again.
         assert!(listed(&mut t, pid));
         child.kill().unwrap();
@@ -714,10 +715,10 @@ mod tests {
         put(root.path(), 20, "b", 1, 2, 1);
         std::fs::create_dir_all(root.path().join("proc/self")).unwrap();
         let mut t = ProcessTable::new(root.path());
-        t.top(1, 1.0, false);
+        t.top(1, 1.0, false, None);
         assert_eq!(t.listed(), 2, "numeric entries only");
         std::fs::remove_dir_all(root.path().join("proc")).unwrap();
-        t.top(1, 1.0, false);
+        t.top(1, 1.0, false, None);
         assert_eq!(t.listed(), 0, "not the last listing's count");
     }
 

@@ -395,8 +395,14 @@ impl Sampler {
             Network { interfaces, total }
         });
 
+        // One read serves the load section and the process table's new-pid check.
+        let loadavg = (self.wants(Collect::Load) || self.processes.is_some())
+            .then(|| self.files.host.loadavg())
+            .flatten();
         let load = self.wants(Collect::Load).then(|| {
-            let (one, five, fifteen) = self.files.host.load().unwrap_or_default();
+            let (one, five, fifteen) = loadavg.as_ref().map_or((0.0, 0.0, 0.0), |l| {
+                (f64::from(l.one), f64::from(l.five), f64::from(l.fifteen))
+            });
             Load { one, five, fifteen }
         });
 
@@ -407,7 +413,7 @@ impl Sampler {
         let top_processes = self
             .processes
             .as_mut()
-            .map(|t| t.top(top_n, elapsed, cmdline));
+            .map(|t| t.top(top_n, elapsed, cmdline, loadavg.map(|l| l.latest_pid)));
         // top_processes has just listed /proc: its count saves a second listing.
         let processes = self
             .wants(Collect::Processes)
