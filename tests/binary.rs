@@ -749,3 +749,17 @@ async fn a_public_bind_without_a_token_is_refused_unless_explicitly_allowed() {
         child.wait_exit(Duration::from_secs(20)).expect("exits");
     }
 }
+
+/// build.rs links vigil at a fixed address, so the loader relocates nothing and the
+/// binary's read-only data stays clean, pageable file memory (see build.rs for why).
+#[test]
+fn the_binary_is_linked_position_dependent_so_its_read_only_data_needs_no_relocation() {
+    let elf = std::fs::read(common::vigil_bin()).unwrap();
+    assert_eq!(&elf[..4], b"\x7fELF");
+    // e_type, little-endian: ET_EXEC (2) for a fixed address, ET_DYN (3) for a PIE.
+    let e_type = u16::from_le_bytes([elf[16], elf[17]]);
+    assert_eq!(
+        e_type, 2,
+        "vigil is linked as a position-independent executable"
+    );
+}
