@@ -82,6 +82,8 @@ fn main() -> ExitCode {
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     let env = Environment::capture()?;
     let command = cli.command.unwrap_or(Command::Run);
+    // Before start-up has touched most of the binary (see src/app/memory.rs).
+    let on_demand = matches!(command, Command::Run).then(app::read_code_on_demand);
 
     let path = cli
         .config
@@ -240,6 +242,13 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         loki,
         &metrics,
     )?;
+    match on_demand {
+        Some(Ok(bytes)) => tracing::debug!(bytes, "code read from the binary on demand"),
+        Some(Err(e)) => {
+            tracing::debug!(error = %e, "code read from the binary in read-ahead windows")
+        }
+        None => {}
+    }
     // tokio-cron-scheduler needs the multi-threaded runtime (with one worker too).
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     let host_only = matches!(command, Command::Run) && app::host_only(&config);

@@ -21,6 +21,7 @@ use crate::store::embedded::{self, EmbeddedError, EmbeddedPostgres};
 use crate::store::{PoolOptions, Store, StoreError, Target};
 use crate::telemetry::metrics::Metrics;
 
+pub use memory::read_code_on_demand;
 pub use reload::{Cause, Reloader};
 pub use table::{UPCOMING, alerts_table, jobs_table, pauses_table};
 
