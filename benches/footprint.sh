@@ -5,9 +5,10 @@
 # Prometheus node_exporter scraped every second. A second vigil runs the same job
 # collecting only what collectd's plugins collect (cpu, memory, disk, network, load),
 # for a like-for-like figure: the shipped job also reads every process each sample.
-# Reports each one's CPU seconds during the window, resident memory (peak VmHWM, start-up
-# included; the largest VmRSS seen each second in the window; VmRSS at the end), and
-# vigil's ratios.
+# Reports each one's CPU seconds during the window, resident memory (the peak, start-up
+# included: the larger of VmHWM and the VmRSS sampled ten times a second from launch,
+# since the kernel's VmHWM misses a peak that madvise later lowered; the largest VmRSS
+# seen each second in the window; VmRSS at the end), and vigil's ratios.
 #
 #   benches/footprint.sh [SECONDS]          (default 120)
 #
@@ -136,18 +137,41 @@ pids+=("$!")
 cd_pid=$!; pids+=("$cd_pid")
 
 read -r -a extra_env <<<"${FOOTPRINT_ENV:-}"
+# Each binary is on disk before it starts, as an installed one is: vigil drops its
+# file's unmapped pages from the page cache (src/app/memory.rs), which the kernel
+# cannot do for pages still waiting to be written (a fresh build, a fresh copy).
+sync "$vigil_bin"
 (cd "$work" && exec env "${extra_env[@]}" DATABASE_URL="$db_url" PORT="$(free_port)" VIGIL_LOG=warn \
    "$vigil_bin" run) >"$work/vigil.log" 2>&1 &
 vigil_pid=$!; pids+=("$vigil_pid")
 # From its own copy of the binary: vigil pages its code out after start-up, and the
 # kernel skips pages another process maps, so two from one file would both stay larger.
 cp "$vigil_bin" "$work/five/vigil"
+sync "$work/five/vigil"
 (cd "$work/five" && exec env "${extra_env[@]}" DATABASE_URL="$db5_url" PORT="$(free_port)" VIGIL_LOG=warn \
    ./vigil run) >"$work/vigil5.log" 2>&1 &
 vigil5_pid=$!; pids+=("$vigil5_pid")
 
-# Let all three start up and settle, then measure the window.
-sleep "${FOOTPRINT_WARMUP:-35}"
+# Let all three start up and settle, then measure the window. Through the warm-up each
+# agent's VmRSS is sampled ten times a second (by one process): the start-up peak.
+warmup_rss=$(python3 - "${FOOTPRINT_WARMUP:-35}" "$ne_pid" "$cd_pid" "$vigil_pid" "$vigil5_pid" <<'PY'
+import sys, time
+secs, pids = float(sys.argv[1]), sys.argv[2:]
+def rss(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+most = [0] * len(pids)
+end = time.monotonic() + secs
+while time.monotonic() < end:
+    most = [max(m, rss(p)) for m, p in zip(most, pids)]
+    time.sleep(0.1)
+print(*most)
+PY
+)
+read -r ne_smax cd_smax vigil_smax vigil5_smax <<<"$warmup_rss"
 for p in "$ne_pid" "$cd_pid" "$vigil_pid" "$vigil5_pid"; do
   kill -0 "$p" 2>/dev/null || { tail -n 20 "$work"/*.log "$work"/five/*.log >&2; echo "an agent did not start" >&2; exit 1; }
 done
@@ -176,23 +200,24 @@ read -r ne_wmax cd_wmax vigil_wmax vigil5_wmax <<<"$window_rss"
 ne_end=$(cpu_ticks "$ne_pid"); cd_end=$(cpu_ticks "$cd_pid"); vigil_end=$(cpu_ticks "$vigil_pid")
 vigil5_end=$(cpu_ticks "$vigil5_pid")
 status() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
+peak() { local hwm; hwm=$(status "$1" VmHWM); echo $(( hwm > $2 ? hwm : $2 )); }
 samples=$(psql -Atq "$db_url" -c "SELECT count(*) FROM system_metrics")
 cd_rows=$(( $(psql -Atq "$cdb_url" -c 'SELECT count(*) FROM "values"') - cd_rows_start ))
 
 python3 - "$SECONDS_TO_RUN" "$ticks" "$samples" "$cd_rows" \
-  "$ne_start" "$ne_end" "$(status "$ne_pid" VmHWM)" "$ne_wmax" "$(status "$ne_pid" VmRSS)" \
-  "$cd_start" "$cd_end" "$(status "$cd_pid" VmHWM)" "$cd_wmax" "$(status "$cd_pid" VmRSS)" \
-  "$vigil_start" "$vigil_end" "$(status "$vigil_pid" VmHWM)" "$vigil_wmax" "$(status "$vigil_pid" VmRSS)" \
-  "$vigil5_start" "$vigil5_end" "$(status "$vigil5_pid" VmHWM)" "$vigil5_wmax" "$(status "$vigil5_pid" VmRSS)" <<'PY'
+  "$ne_start" "$ne_end" "$(peak "$ne_pid" "$ne_smax")" "$ne_wmax" "$(status "$ne_pid" VmRSS)" \
+  "$cd_start" "$cd_end" "$(peak "$cd_pid" "$cd_smax")" "$cd_wmax" "$(status "$cd_pid" VmRSS)" \
+  "$vigil_start" "$vigil_end" "$(peak "$vigil_pid" "$vigil_smax")" "$vigil_wmax" "$(status "$vigil_pid" VmRSS)" \
+  "$vigil5_start" "$vigil5_end" "$(peak "$vigil5_pid" "$vigil5_smax")" "$vigil5_wmax" "$(status "$vigil5_pid" VmRSS)" <<'PY'
 import sys
 a = list(map(float, sys.argv[1:]))
 secs, ticks, samples, cd_rows = a[:4]
 agents = {}
 for i, name in enumerate(["node_exporter", "collectd", "vigil", "vigil (5 sections)"]):
     s, e, hwm, wmax, rss = a[4 + 5 * i: 9 + 5 * i]
-    agents[name] = ((e - s) / ticks, hwm / 1024, wmax / 1024, rss / 1024)
+    agents[name] = ((e - s) / ticks, max(hwm, wmax) / 1024, wmax / 1024, rss / 1024)
 print(f"window: {secs:.0f} s; vigil wrote {samples:.0f} samples, collectd {cd_rows:.0f} values")
-print("peak RSS: the largest ever (start-up included); window RSS: the largest while measured")
+print("peak RSS: the largest ever (start-up included, sampled at 10 Hz and VmHWM); window RSS: the largest while measured")
 print(f"{'':20}{'CPU s':>8}{'CPU s/min':>11}{'peak RSS MiB':>14}{'window RSS':>12}{'RSS MiB':>9}")
 for name, (cpu, hwm, wmax, rss) in agents.items():
     print(f"{name:20}{cpu:>8.2f}{cpu * 60 / secs:>11.3f}{hwm:>14.1f}{wmax:>12.1f}{rss:>9.1f}")
