@@ -763,3 +763,91 @@ fn the_binary_is_linked_position_dependent_so_its_read_only_data_needs_no_reloca
         "vigil is linked as a position-independent executable"
     );
 }
+
+/// `vigil run` reads its code from its file a page at a time from the start, and hands
+/// back the code of opening the database before it starts the services (see
+/// src/app/memory.rs): the kernel shows the advice on the binary's mappings, and the
+/// debug log shows the hand-back before "vigil started".
+#[tokio::test(flavor = "multi_thread")]
+async fn run_reads_its_code_on_demand_and_hands_back_the_database_opening_code_before_the_services_start()
+ {
+    let db = TestDb::empty().await;
+    let dir = tempdir();
+    write(
+        dir.path(),
+        "jobs.toml",
+        r#"
+[[jobs]]
+name = "hello"
+kind = "command"
+every = "1s"
+[jobs.settings]
+command = ["true"]
+"#,
+    );
+    let mut child = Running(
+        vigil(
+            dir.path(),
+            &["run"],
+            &[
+                ("DATABASE_URL", &db.url),
+                ("PORT", "0"),
+                ("VIGIL_LOG", "vigil=debug"),
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    let lines = collect_lines(child.0.stdout.take().unwrap());
+    let messages = || -> Vec<serde_json::Value> {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    eventually(Duration::from_secs(20), "vigil started", || async {
+        messages()
+            .iter()
+            .any(|v| v["message"] == "vigil started")
+            .then_some(())
+    })
+    .await;
+    let messages = messages();
+    let at = |pred: &dyn Fn(&serde_json::Value) -> bool| messages.iter().position(pred);
+    let on_demand = at(&|v| v["message"] == "code read from the binary on demand");
+    let released =
+        at(&|v| v["message"] == "start-up code released" && v["after"] == "the database opened");
+    let started = at(&|v| v["message"] == "vigil started");
+    assert!(
+        on_demand.is_some() && on_demand < released && released < started,
+        "{messages:#?}"
+    );
+
+    // MADV_RANDOM shows as `rr` in the VmFlags of each read-only mapping of the binary.
+    let exe = std::fs::canonicalize(common::vigil_bin()).unwrap();
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", child.0.id())).unwrap();
+    let mut ours = false;
+    let mut advised = 0;
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if ours {
+                assert!(flags.split_whitespace().any(|f| f == "rr"), "{line}");
+                advised += 1;
+            }
+        } else if line.split_whitespace().count() >= 6 {
+            let f: Vec<_> = line.split_whitespace().collect();
+            ours = std::path::Path::new(f[5]) == exe && !f[1].contains('w');
+        }
+    }
+    assert!(
+        advised > 0,
+        "no read-only mapping of {} found",
+        exe.display()
+    );
+    child.signal(Signal::SIGTERM);
+    assert!(child.wait_exit(Duration::from_secs(15)).is_some());
+}

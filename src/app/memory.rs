@@ -13,11 +13,12 @@
 //! fault-around then finds no neighbours to map, and a page becomes resident when it
 //! is used. (Since Linux 6.16 the kernel still reads ahead for executable mappings, so
 //! there this shrinks the read-only data, 0.98 to 0.25 MiB measured, more than the
-//! code.) Some seconds after start it asks the kernel to reclaim those pages
-//! (`MADV_PAGEOUT`, Linux 5.4+) and drops them from the cache again: those the steady
-//! work uses come back on their next use, the rest stay out. Only read-only mappings
-//! of the binary itself are touched: nothing is lost, a page is at most read again
-//! from the file.
+//! code.) Then it asks the kernel to reclaim those pages (`MADV_PAGEOUT`, Linux 5.4+)
+//! and drops them from the cache again, twice: once the database is open and migrated
+//! (that code is not needed again, and the services' start-up would add to it), and
+//! [`SETTLE`] after start. Those the steady work uses come back on their next use, the
+//! rest stay out. Only read-only mappings of the binary itself are touched: nothing is
+//! lost, a page is at most read again from the file.
 
 use std::time::Duration;
 
