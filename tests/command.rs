@@ -352,24 +352,46 @@ fn reported(run: &Value) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// The CPU seconds of the whole tree as the kernel accounted them, from the `times`
+/// the job's shell prints last: its own user and system time, then its reaped
+/// children's (each program's whole life, its exit included, which a program cannot
+/// report of itself).
+fn shell_times(run: &Value) -> f64 {
+    let seconds = |t: &str| -> Option<f64> {
+        let (m, s) = t.strip_suffix('s')?.split_once('m')?;
+        Some(m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
+    };
+    let lines: Vec<f64> = run["output"]
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (u, s) = l.split_once(' ')?;
+            Some(seconds(u)? + seconds(s)?)
+        })
+        .collect();
+    assert_eq!(lines.len(), 2, "the shell's times: {run}");
+    lines.iter().sum()
+}
+
 fn within(measured: f64, expected: f64, share: f64) -> bool {
     (measured - expected).abs() <= expected * share
 }
 
 /// A run that burns about a CPU-second holding about 200 MiB, and one whose two
 /// children burn half a second each holding 100 MiB at the same time: vigil's
-/// figures agree with what the programs measured of themselves within 20 %, under a
-/// cgroup of the run's own (where this machine lets vigil make one) and by the
-/// process tree.
+/// figures agree within 20 % with the programs' own peaks and with the CPU time the
+/// kernel accounted to the tree (the shell's `times`), under a cgroup of the run's own
+/// (where this machine lets vigil make one) and by the process tree.
 async fn resources_of_runs_agree_with_the_programs_own_account(cgroups: bool) {
     let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
     let burn = write(dir.path(), "burn.py", BURN);
     let jobs = format!(
         "[[jobs]]\nname = \"burn\"\nkind = \"command\"\nevery = \"1h\"\n\
-         [jobs.settings]\ncommand = [\"python3\", \"{b}\", \"200\", \"1.0\"]\n\n\
+         [jobs.settings]\ncommand = [\"sh\", \"-c\", \"python3 {b} 200 1.0; times\"]\n\n\
          [[jobs]]\nname = \"forks\"\nkind = \"command\"\nevery = \"1h\"\n\
-         [jobs.settings]\ncommand = [\"sh\", \"-c\", \"python3 {b} 100 0.5 & python3 {b} 100 0.5 & wait\"]\n",
+         [jobs.settings]\ncommand = [\"sh\", \"-c\", \"python3 {b} 100 0.5 & python3 {b} 100 0.5 & wait; times\"]\n",
         b = burn.display()
     );
     let setting = if cgroups { "true" } else { "false" };
@@ -384,16 +406,21 @@ async fn resources_of_runs_agree_with_the_programs_own_account(cgroups: bool) {
         assert_eq!(run["status"], "succeeded", "{run}");
         let own = reported(&run);
         assert_eq!(own.len(), if job == "burn" { 1 } else { 2 }, "{run}");
-        let (peak, cpu): (f64, f64) = own
+        let (peak, own_cpu): (f64, f64) = own
             .iter()
             .fold((0.0, 0.0), |(p, c), (pp, cc)| (p + pp, c + cc));
+        let cpu = shell_times(&run);
+        assert!(
+            cpu >= own_cpu * 0.98,
+            "{job}: the kernel's {cpu} s, the programs' own {own_cpu} s"
+        );
         let id = run["run_id"].as_str().unwrap();
         let (_, view) = get(port, &format!("/api/runs/{id}")).await;
         let r = &view["resources"];
         let used = r["cpu_user_s"].as_f64().unwrap() + r["cpu_system_s"].as_f64().unwrap();
         let measured_peak = r["peak_rss_bytes"].as_f64().unwrap();
         println!(
-            "{job} ({expected_method}): CPU {used:.3} s (programs: {cpu:.3} s), peak {:.1} MiB \
+            "{job} ({expected_method}): CPU {used:.3} s (kernel: {cpu:.3} s, programs: {own_cpu:.3} s), peak {:.1} MiB \
              (programs: {:.1} MiB), read {} B, written {} B",
             measured_peak / 1048576.0,
             peak / 1048576.0,
