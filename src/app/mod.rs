@@ -341,7 +341,7 @@ async fn release_start_up_code(after: &'static str) {
     match tokio::task::spawn_blocking(memory::release_start_up_code).await {
         Ok(Ok(bytes)) => tracing::debug!(bytes, after, "start-up code released"),
         Ok(Err(e)) => tracing::debug!(error = %e, after, "start-up code not released"),
-        Err(_) => {}
+        Err(e) => tracing::debug!(error = %e, after, "start-up code not released"),
     }
 }
 
